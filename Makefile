@@ -1,0 +1,52 @@
+# One-command set-up: `make run` and `make test` create .venv, install everything (pip + the Debian
+# packages for real Fashion-MNIST and the headless browser) and then do their job.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-install
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ARGS ?=
+
+.PHONY: setup data browser test run lint format smoke clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data: $(FMNIST)
+
+$(FMNIST):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist
+
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup browser lint
+	$(VENV)/bin/pytest -q
+
+run: setup
+	$(PY) pipeline/run.py $(ARGS)
+
+smoke: setup
+	$(PY) pipeline/run.py --smoke-test $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,153 @@
+"""Typed, frozen, validated configuration of the library (pydantic v2, unknown keys rejected).
+
+Every model here is plain data: it serialises to JSON/YAML and is never pickled into checkpoints.
+Defaults follow the CIFAR script values of the method spec (`docs/DESIGN.md`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "imagefolder", "fake"]
+
+
+class Strict(BaseModel):
+    """Base: frozen, unknown keys rejected, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(Strict):
+    """Which images, how many, and how they are augmented."""
+
+    dataset: DatasetName = "fashion_mnist"
+    root: str | None = Field(None, description="dataset folder; None = the dataset's default location")
+    train_subset: int | None = Field(None, ge=1, description="use only this many training images")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held out of train for validation")
+    test_subset: int | None = Field(None, ge=1, description="evaluate on this many test images")
+    augment: bool = True
+    cutout: int = Field(0, ge=0, description="cutout square side in pixels; 0 = off")
+    image_size: int | None = Field(None, ge=8, description="fake/imagefolder: side of the square images")
+    channels: int = Field(3, ge=1, le=4, description="fake: image channels")
+    num_classes: int | None = Field(None, ge=2, description="fake/imagefolder: number of classes")
+    fake_size: int = Field(512, ge=8, description="fake: number of training images")
+    seed: int = 0
+
+
+class SupernetConfig(Strict):
+    """Shape of the search super-network."""
+
+    C: int = Field(16, ge=2, description="initial channels")
+    cells: int = Field(8, ge=2, description="number of cells; reductions at cells//3 and 2*cells//3")
+    ops: str | tuple[str, ...] = Field("reference", description="op-set name or explicit op names")
+    nodes: int = Field(4, ge=1, le=8)
+    baseline: float = Field(0.01, gt=0.0, lt=1.0, description="threshold on normalised mixing weights")
+    alpha_init: float = Field(2.0, gt=0.0)
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+
+    @field_validator("ops")
+    @classmethod
+    def _ops_known(cls, v: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        from dnad.ops import resolve_op_set  # local: ops imports torch
+
+        resolve_op_set(v)
+        return v
+
+
+class ShrinkConfig(Strict):
+    """SNPS controller constants (spec §4, CIFAR column by default)."""
+
+    gamma0: float = Field(1e-4, gt=0.0)
+    gamma_max: float = Field(0.10, gt=0.0)
+    phi: float = Field(1.01, gt=1.0, description="γ growth factor while shrinking stalls")
+    k: float = Field(0.99, gt=0.0, le=1.0, description="γ decay factor while deleting")
+    n_max: float = Field(0.005, gt=0.0, description="target smoothed deletions per step")
+    tau: float = Field(0.90, ge=0.0, lt=1.0)
+    t_max: int = Field(50, ge=1)
+    mu0: float = Field(0.1, ge=0.0)
+    rho: float = Field(1.5, ge=1.0)
+    xi: float = Field(1.0, gt=0.0)
+    s_min: float = Field(250.0, gt=0.0, description="stop once S < s_min")
+    sparsity: Literal["uniform", "macs", "params"] = "uniform"
+
+
+class TeacherConfig(Strict):
+    """Where the frozen teacher comes from."""
+
+    kind: Literal["torchvision", "genotype", "checkpoint"] = "torchvision"
+    arch: str = Field("resnet18", description="torchvision: model name")
+    genotype: str | None = Field(None, description="genotype: path to a genotype JSON")
+    checkpoint: str | None = Field(None, description="checkpoint: path to a teacher checkpoint folder")
+    C: int = Field(36, ge=2, description="genotype teacher: initial channels")
+    epochs: int = Field(10, ge=0, description="training epochs when the teacher is trained here")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+
+
+class DistillConfig(Strict):
+    """DNAD knowledge distillation (spec §5)."""
+
+    enabled: bool = True
+    teacher: TeacherConfig = TeacherConfig()
+    knowledge_rate: float = Field(1.0, ge=0.0, description="λ")
+    feature_ratios: tuple[float, float, float] = (0.2, 0.3, 0.5)
+    logit_weight: float = Field(1.0, ge=0.0, description="β")
+    temperature: float = Field(4.0, gt=0.0, description="T")
+
+
+class SearchConfig(Strict):
+    """The one-level search loop."""
+
+    supernet: SupernetConfig = SupernetConfig()
+    shrink: ShrinkConfig = ShrinkConfig()
+    distill: DistillConfig = DistillConfig()
+    epochs: int = Field(120, ge=1)
+    warmup_epochs: int = Field(5, ge=0)
+    batch_size: int = Field(64, ge=1)
+    w_lr: float = Field(5e-4, gt=0.0)
+    w_betas: tuple[float, float] = (0.5, 0.999)
+    w_weight_decay: float = Field(3e-4, ge=0.0)
+    a_lr: float = Field(0.2, gt=0.0)
+    a_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float = Field(5.0, gt=0.0)
+    log_every: int = Field(10, ge=1, description="steps between metric callbacks")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
+    max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite steps before DivergenceError")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> SearchConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs} (no shrinking would happen)"
+            )
+        return self
+
+
+class RetrainConfig(Strict):
+    """Training a derived architecture from scratch (spec §6)."""
+
+    C: int = Field(36, ge=2)
+    epochs: int = Field(600, ge=1)
+    batch_size: int = Field(96, ge=1)
+    lr: float = Field(0.025, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(3e-4, ge=0.0)
+    schedule: Literal["cosine", "linear_warmup"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float = Field(5.0, gt=0.0)
+    auxiliary_weight: float = Field(0.4, ge=0.0, description="0 disables the auxiliary head")
+    drop_path: float | Literal["auto"] = Field("auto", description="max drop-path prob; auto = spec §6")
+    max_nonfinite: int = Field(5, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
+    seed: int = 0
+
+    @field_validator("drop_path")
+    @classmethod
+    def _dp_range(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 <= float(v) < 1.0:
+            raise ValueError("drop_path must be 'auto' or a probability in [0, 1)")
+        return v

@@ -1,0 +1,207 @@
+"""The dynamic search super-network of SNPS (spec §1–3).
+
+Every cell owns its α (one row of `alpha`, shape (cells, pairs per cell)); node j mixes every
+(earlier state, op) pair with ReLU-normalised weights. Pairs whose weight is below `baseline` are
+not computed; after warm-up they are deleted for good (α ← -1000). Cells whose output nobody reads
+any more, and cell inputs nobody reads, are not computed either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dnad.cells import CellInputs, CellPlan, Head, Stem, live_cells, plan_cells, resolve_stem, run_cells, stage_taps
+from dnad.genotype import Genotype
+from dnad.ops import build_op, resolve_op_set
+
+DELETED_ALPHA = -1000.0
+SPARSITY_SCALE = 50.0
+
+
+def node_segments(nodes: int, num_ops: int) -> list[tuple[int, int]]:
+    """[start, end) of each node's slice in a cell's α row; node k (state k+2) has (k+2)*num_ops pairs."""
+    segs, start = [], 0
+    for k in range(nodes):
+        end = start + (k + 2) * num_ops
+        segs.append((start, end))
+        start = end
+    return segs
+
+
+def pair_index(node: int, i: int, o: int, num_ops: int) -> int:
+    """Column of pair (input i, op o) of node `node` (2..) in a cell's α row."""
+    start = sum(j * num_ops for j in range(2, node))
+    return start + i * num_ops + o
+
+
+def normalise(alpha: torch.Tensor, deleted: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """w = ReLU(α) / Σ ReLU(α) per node segment, for every row (cell) at once.
+
+    0/0 guard: a node whose α are all ≤ 0 keeps its strongest not-deleted entry at w = 1 (no NaN).
+    """
+    r = torch.relu(alpha)
+    outs = []
+    for a, b in segments:
+        seg = r[:, a:b]
+        total = seg.sum(dim=1, keepdim=True)
+        dead = total <= 0
+        if bool(dead.any()):
+            masked = alpha[:, a:b].detach().masked_fill(deleted[:, a:b], float("-inf"))
+            strongest = torch.nn.functional.one_hot(masked.argmax(dim=1), b - a).to(seg.dtype)
+            seg = torch.where(dead, strongest, seg)
+            total = torch.where(dead, torch.ones_like(total), total)
+        outs.append(seg / total)
+    return torch.cat(outs, dim=1)
+
+
+class MixedCell(nn.Module):
+    """A search cell: every (input state, op) pair of every node, each with its own weights."""
+
+    def __init__(self, plan: CellPlan, op_names: tuple[str, ...]):
+        super().__init__()
+        self.plan, self.op_names = plan, op_names
+        self.inputs = CellInputs(plan, affine=False)
+        self.edges = nn.ModuleDict()
+        self.pairs: list[list[tuple[int, int, str]]] = []  # per node: (column, input, edge key)
+        col = 0
+        for k in range(plan.nodes):
+            node, row = k + 2, []
+            for i in range(node):
+                stride = 2 if plan.reduction and i < 2 else 1
+                for op in op_names:
+                    key = f"{node}_{i}_{op}"
+                    self.edges[key] = build_op(op, plan.C, plan.C, stride, affine=False)
+                    row.append((col, i, key))
+                    col += 1
+            self.pairs.append(row)
+        self.num_pairs = col
+
+    def reads(self, alive: list[bool]) -> tuple[bool, bool]:
+        """Whether any alive pair reads input 0 / input 1."""
+        r0 = any(alive[c] for row in self.pairs for c, i, _ in row if i == 0)
+        r1 = any(alive[c] for row in self.pairs for c, i, _ in row if i == 1)
+        return r0, r1
+
+    def forward(
+        self, s_prev: torch.Tensor | None, s_prev2: torch.Tensor | None, w: torch.Tensor, alive: list[bool]
+    ) -> torch.Tensor:
+        """s_*: (N, C_prev*, H, W); w: (pairs,) mixing weights; alive: which pairs to compute."""
+        r0, r1 = self.reads(alive)
+        states = self.inputs(s_prev if r0 else None, s_prev2 if r1 else None)
+        for row in self.pairs:
+            acc = None
+            for col, i, key in row:
+                if alive[col]:
+                    term = self.edges[key](states[i]) * w[col]
+                    acc = term if acc is None else acc + term
+            states.append(acc)
+        return torch.cat(states[2:], dim=1)
+
+
+class SuperNet(nn.Module):
+    """The SNPS super-network: stem, `cells` mixed cells with their own α, head.
+
+    Input (N, in_channels, H, W) -> logits (N, num_classes).
+    """
+
+    def __init__(
+        self,
+        C: int = 16,
+        num_cells: int = 8,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        ops: str | tuple[str, ...] = "reference",
+        nodes: int = 4,
+        baseline: float = 0.01,
+        alpha_init: float = 2.0,
+        stem: str = "auto",
+    ):
+        super().__init__()
+        self.op_names = resolve_op_set(ops)
+        self.C, self.num_cells, self.num_classes, self.nodes = C, num_cells, num_classes, nodes
+        self.in_channels, self.image_size, self.baseline = in_channels, image_size, baseline
+        self.stem_kind = resolve_stem(stem, image_size)
+        self.plans = plan_cells(C, num_cells, self.stem_kind, nodes)
+        self.stem = Stem(self.stem_kind, in_channels, C, affine=False)
+        self.cells = nn.ModuleList(MixedCell(p, self.op_names) for p in self.plans)
+        self.head = Head(self.plans[-1].C_out, num_classes)
+        self.segments = node_segments(nodes, len(self.op_names))
+        P = self.cells[0].num_pairs
+        self.alpha = nn.Parameter(torch.full((num_cells, P), float(alpha_init)))
+        self.register_buffer("deleted", torch.zeros(num_cells, P, dtype=torch.bool))
+        self.register_buffer("cost_weight", torch.ones(num_cells, P))
+        self.taps = stage_taps(num_cells)
+
+    # -- architecture state -----------------------------------------------------------------------
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n != "alpha"]
+
+    def mixing_weights(self) -> torch.Tensor:
+        """(cells, pairs) normalised weights w, differentiable w.r.t. α."""
+        return normalise(self.alpha, self.deleted, self.segments)
+
+    @torch.no_grad()
+    def alive_mask(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.mixing_weights() if w is None else w.detach()
+        return (w >= self.baseline) & ~self.deleted
+
+    def alive_pairs(self) -> int:
+        return int(self.alive_mask().sum())
+
+    @torch.no_grad()
+    def delete_below_threshold(self) -> int:
+        """Delete (permanently) every not-yet-deleted pair with w < baseline; returns how many."""
+        newly = (self.mixing_weights() < self.baseline) & ~self.deleted
+        self.deleted |= newly
+        self.enforce_deleted()
+        return int(newly.sum())
+
+    @torch.no_grad()
+    def enforce_deleted(self) -> None:
+        """Pin deleted α at -1000 (an optimizer with momentum must not revive them)."""
+        self.alpha.masked_fill_(self.deleted, DELETED_ALPHA)
+
+    def sparsity(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """S = Σ cost_weight · log(1 + 50·w) over every cell, node and pair (scalar, differentiable)."""
+        w = self.mixing_weights() if w is None else w
+        return (torch.log1p(SPARSITY_SCALE * w) * self.cost_weight).sum()
+
+    def set_cost_weights(self, weights: torch.Tensor) -> None:
+        """Complexity-weighted sparsity: per (cell, pair) multipliers (1 everywhere = reference S)."""
+        self.cost_weight.copy_(weights)
+
+    def export(self, w: torch.Tensor | None = None) -> Genotype:
+        """The derived architecture: every pair with w ≥ baseline that is not deleted."""
+        alive = self.alive_mask(w).tolist()
+        cells = []
+        for cell, row_alive in zip(self.cells, alive):
+            cells.append(
+                tuple(tuple((i, key.split("_", 2)[2]) for col, i, key in row if row_alive[col]) for row in cell.pairs)
+            )
+        return Genotype(cells=tuple(cells), reductions=tuple(p.index for p in self.plans if p.reduction))
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, taps: tuple[int, ...]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        w = self.mixing_weights()
+        alive = self.alive_mask(w).tolist()
+        live = live_cells([cell.reads(a) for cell, a in zip(self.cells, alive)], extra_needed=taps)
+        runners = [
+            (lambda sp, sp2, c=c: self.cells[c](sp, sp2, w[c], alive[c])) if live[c] else None
+            for c in range(self.num_cells)
+        ]
+        out, tapped = run_cells(self.stem(x), runners, taps)
+        return self.head(out), tapped
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x: (N, C_in, H, W) -> logits (N, classes), stage features at cells [L//3-1, 2L//3-1, L-1]."""
+        logits, tapped = self._run(x, self.taps)
+        return logits, [tapped[t] for t in self.taps]
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Logits, or (logits, stage features) with `with_features` (one entry point, for DDP)."""
+        return self.forward_features(x) if with_features else self._run(x, ())[0]

@@ -1,0 +1,171 @@
+import math
+
+import pytest
+import torch
+
+from dnad.network import build_model
+from dnad.supernet import SuperNet, node_segments, pair_index
+
+
+def tiny(**kw):
+    args = dict(C=4, num_cells=3, num_classes=5, in_channels=3, image_size=16)
+    args.update(kw)
+    return SuperNet(**args)
+
+
+def set_node_weights(net, cell, node, weights):
+    """Give node `node` of `cell` these normalised weights (by setting α proportional to them)."""
+    a, b = net.segments[node - 2]
+    with torch.no_grad():
+        net.alpha[cell, a:b] = torch.tensor(weights, dtype=torch.float32)
+
+
+def test_fresh_cell_sparsity_reference_values():
+    net = tiny(num_cells=1)
+    assert float(net.sparsity()) == pytest.approx(72.03, abs=0.01)
+    for j in range(2, 6):  # one op per node at w = 1
+        n = j * 3
+        set_node_weights(net, 0, j, [1.0] + [0.0] * (n - 1))
+    assert float(net.sparsity()) == pytest.approx(15.73, abs=0.01)
+    for j in range(2, 6):  # two ops per node at w = 0.5
+        n = j * 3
+        set_node_weights(net, 0, j, [1.0, 1.0] + [0.0] * (n - 2))
+    assert float(net.sparsity()) == pytest.approx(26.06, abs=0.01)
+
+
+def test_segments_and_pair_index():
+    assert node_segments(4, 3) == [(0, 6), (6, 15), (15, 27), (27, 42)]
+    assert pair_index(3, 1, 2, 3) == 6 + 1 * 3 + 2
+    net = tiny()
+    assert net.alpha.shape == (3, 42)
+
+
+def test_mixing_weights_relu_normalised_and_uniform_at_init():
+    net = tiny()
+    w = net.mixing_weights()
+    for a, b in net.segments:
+        assert torch.allclose(w[:, a:b].sum(1), torch.ones(3))
+        assert torch.allclose(w[:, a:b], torch.full_like(w[:, a:b], 1.0 / (b - a)))
+
+
+def test_all_nonpositive_node_has_no_nan_and_keeps_strongest():
+    net = tiny()
+    a, b = net.segments[1]
+    with torch.no_grad():
+        net.alpha[0, a:b] = -torch.arange(1, b - a + 1, dtype=torch.float32)  # strongest is index a
+    w = net.mixing_weights()
+    assert torch.isfinite(w).all()
+    assert w[0, a] == 1.0 and w[0, a + 1 : b].sum() == 0
+    net.delete_below_threshold()
+    assert not net.deleted[0, a] and net.deleted[0, a + 1 : b].all()
+    y = net(torch.randn(2, 3, 16, 16))
+    assert torch.isfinite(y).all()
+    assert len(net.export().cells[0][1]) == 1
+
+
+def test_deletion_is_permanent():
+    net = tiny()
+    with torch.no_grad():
+        net.alpha[1, 0] = 0.0
+    assert net.delete_below_threshold() == 1
+    assert net.alpha[1, 0] == -1000.0
+    with torch.no_grad():
+        net.alpha[1, 0] = 5.0  # an optimizer pushes it back up ...
+    net.enforce_deleted()  # ... the loop pins it again after every step
+    assert net.mixing_weights()[1, 0] == 0.0
+    assert net.delete_below_threshold() == 0 and net.deleted.sum() == 1
+
+
+def count_calls(net):
+    calls = {"n": 0}
+
+    def hook(*_):
+        calls["n"] += 1
+
+    for cell in net.cells:
+        for edge in cell.edges.values():
+            edge.register_forward_hook(hook)
+    return calls
+
+
+def test_deleted_pairs_are_not_computed():
+    net = tiny()
+    calls = count_calls(net)
+    x = torch.randn(2, 3, 16, 16)
+    net(x)
+    assert calls["n"] == 3 * 42
+    with torch.no_grad():
+        net.alpha[:, ::2] = 0.0  # half of the pairs
+    deleted = net.delete_below_threshold()
+    calls["n"] = 0
+    net(x)
+    assert calls["n"] == 3 * 42 - deleted == net.alive_pairs()
+
+
+def test_dead_cells_and_unread_inputs_are_skipped():
+    net = tiny(num_cells=4)  # reductions at 1, 2
+    P = net.alpha.shape[1]
+    with torch.no_grad():
+        # cell 3 reads only its input 1 (cell 1), so cell 2 is dead: nobody reads it
+        for a, b in net.segments:
+            for col in range(a, b):
+                i = (col - a) // 3
+                if i == 0:
+                    net.alpha[3, col] = 0.0
+    net.delete_below_threshold()
+    calls = {c: 0 for c in range(4)}
+    for c, cell in enumerate(net.cells):
+        cell.register_forward_hook(lambda *_, c=c: calls.__setitem__(c, calls[c] + 1))
+    pre_calls = {"pre0": 0}
+    net.cells[3].inputs.pre0.register_forward_hook(lambda *_: pre_calls.__setitem__("pre0", 1))
+    y = net(torch.randn(2, 3, 16, 16))
+    assert torch.isfinite(y).all() and P == 42
+    assert calls == {0: 1, 1: 1, 2: 0, 3: 1}
+    assert pre_calls["pre0"] == 0
+
+
+@pytest.mark.parametrize(
+    "in_ch,size,cells", [(1, 28, 3), (3, 32, 3), (3, 224, 3)]
+)
+def test_stems(in_ch, size, cells):
+    net = SuperNet(C=4, num_cells=cells, num_classes=10, in_channels=in_ch, image_size=size)
+    logits, feats = net.forward_features(torch.randn(2, in_ch, size, size))
+    assert logits.shape == (2, 10)
+    assert [f.shape[1] for f in feats] == [net.plans[t].C_out for t in net.taps]
+
+
+def test_arch_and_weight_parameters_disjoint():
+    net = tiny()
+    a = {id(p) for p in net.arch_parameters()}
+    w = {id(p) for p in net.weight_parameters()}
+    assert a and w and not (a & w)
+    assert a | w == {id(p) for p in net.parameters()}
+
+
+def test_parity_supernet_vs_derived_network():
+    torch.manual_seed(1)
+    net = tiny(num_cells=4)
+    with torch.no_grad():
+        net.alpha.uniform_(-1.0, 3.0)
+    net.delete_below_threshold()
+    # give the BN running stats something non-trivial
+    net.train()
+    for _ in range(3):
+        net(torch.randn(8, 3, 16, 16))
+    net.eval()
+    g = net.export()
+    model = build_model(g, C=4, num_classes=5, in_channels=3, image_size=16)
+    missing, unexpected = model.load_state_dict(net.state_dict(), strict=False)
+    assert all(k.endswith((".weight", ".bias")) for k in missing)  # affine BN params only (init 1/0)
+    assert all(model.state_dict()[k].dim() == 1 for k in missing)
+    w = net.mixing_weights().detach()
+    for c, cell in enumerate(model.cells):
+        if not hasattr(cell, "edges"):
+            continue
+        cols = {key: col for row in net.cells[c].pairs for col, _, key in row}
+        cell.edge_scale = {key: float(w[c, cols[key]]) for key in cell.edges}
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(net(x), model(x), atol=1e-5)
+    assert math.isclose(sum(len(n) for cell in g.cells for n in cell), net.alive_pairs())
