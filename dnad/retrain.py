@@ -1,0 +1,164 @@
+"""Training a network from scratch: derived architectures (spec §6) and teachers. No Ray in here.
+
+SGD with momentum, cosine (or linear-with-warm-up) schedule computed from the epoch (so resuming
+needs no scheduler state), drop-path rising linearly to p_max, auxiliary loss, grad clipping. The
+reported accuracy is the final epoch's, never the best epoch's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dnad.config import RetrainConfig
+from dnad.data import BatchIterator, DatasetBundle
+from dnad.guard import NonFiniteGuard, all_finite, rng_state, set_rng_state
+from dnad.network import Network, auto_drop_path
+
+
+def lr_at(cfg: RetrainConfig, epoch: int, step_frac: float = 0.0) -> float:
+    """Learning rate at (fractional) epoch `epoch + step_frac`."""
+    e = epoch + step_frac
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * e / cfg.epochs))
+    if cfg.warmup_epochs and e < cfg.warmup_epochs:
+        return cfg.lr * (e + 1e-3) / cfg.warmup_epochs
+    span = max(cfg.epochs - cfg.warmup_epochs, 1)
+    return cfg.lr * max(0.0, 1.0 - (e - cfg.warmup_epochs) / span)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) over every image of `batches`."""
+    was = model.training
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    for x, y in batches.iterate(0):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        total += y.numel()
+    model.train(was)
+    return correct / max(total, 1), loss / max(total, 1)
+
+
+class RetrainLoop:
+    """Trains `model` on `data.train`, evaluates on `data.test` after every epoch."""
+
+    def __init__(
+        self,
+        cfg: RetrainConfig,
+        model: nn.Module,
+        data: DatasetBundle,
+        device: str | torch.device = "cpu",
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        augment: bool = True,
+        cutout: int = 0,
+        stage: str = "retrain",
+    ):
+        self.cfg, self.model, self.data, self.callback = cfg, model, data, callback
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.train_batches = BatchIterator(
+            data.train, cfg.batch_size, seed=cfg.seed, train=True, augment=augment, cutout=cutout,
+            mean=data.mean, std=data.std,
+        )  # fmt: skip
+        self.test_batches = BatchIterator(
+            data.test, 256, seed=cfg.seed, train=False, augment=False, cutout=0, mean=data.mean, std=data.std
+        )
+        self.guard = NonFiniteGuard(stage, cfg.max_nonfinite)
+        if isinstance(model, Network):
+            self.p_max = (
+                auto_drop_path(model.genotype.num_pairs, model.genotype.num_cells)
+                if cfg.drop_path == "auto"
+                else float(cfg.drop_path)
+            )
+        else:
+            self.p_max = 0.0
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.epochs
+
+    def run_epoch(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        if isinstance(model, Network):
+            model.set_drop_path(self.p_max * self.epoch / cfg.epochs)
+        n = self.train_batches.num_batches(self.epoch)
+        if cfg.max_steps_per_epoch:
+            n = min(n, cfg.max_steps_per_epoch)
+        t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for b, (x, y) in enumerate(self.train_batches.iterate(self.epoch)):
+            if b >= n:
+                break
+            for g in self.opt.param_groups:
+                g["lr"] = lr_at(cfg, self.epoch, b / n)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if isinstance(model, Network):
+                logits, aux = model.forward_train(x)
+            else:
+                logits, aux = model(x), None
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if aux is not None:
+                loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, y, label_smoothing=cfg.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if self.guard.check(self.step, all_finite(loss.detach(), norm), "loss or gradient"):
+                self.opt.step()
+                loss_sum += float(loss.detach()) * y.numel()
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += y.numel()
+            self.step += 1
+        train_s = time.perf_counter() - t0
+        test_acc, test_loss = evaluate(model, self.test_batches, self.device)
+        self.epoch += 1
+        rec = {
+            "epoch": self.epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "test_acc": test_acc, "test_loss": test_loss, "lr": self.opt.param_groups[0]["lr"],
+            "img_per_s": seen / max(train_s, 1e-9), "epoch_s": time.perf_counter() - t0,
+        }  # fmt: skip
+        self.history.append(rec)
+        if self.callback is not None:
+            self.callback(rec)
+        return rec
+
+    def run(self, on_epoch_end: Callable[[RetrainLoop], None] | None = None) -> dict[str, Any]:
+        """Train to the last epoch; returns the final epoch's record."""
+        while not self.done:
+            self.run_epoch()
+            if on_epoch_end is not None:
+                on_epoch_end(self)
+        return self.history[-1] if self.history else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "guard": self.guard.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.model.load_state_dict(d["model"])
+        self.opt.load_state_dict(d["opt"])
+        self.guard.load_state_dict(d["guard"])
+        self.epoch, self.step, self.history = int(d["epoch"]), int(d["step"]), list(d["history"])
+        set_rng_state(d["rng"])
