@@ -62,7 +62,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # -- nested state <-> (tensors, JSON skeleton) -------------------------------------------------
-def flatten_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "t") -> tuple[Any, dict]:
+def flatten_state(
+    obj: Any, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "t"
+) -> tuple[Any, dict]:
     """Replace every tensor in a nested dict/list/tuple by a reference; returns (skeleton, tensors)."""
     tensors = {} if tensors is None else tensors
 
@@ -186,7 +188,9 @@ def load_latest(root: Path) -> tuple[Path, dict[str, Any]] | None:
         try:
             return path, load_checkpoint(path)
         except CheckpointError as e:
-            warnings.warn(f"skipping unusable checkpoint: {e}; falling back to the previous one", stacklevel=2)
+            warnings.warn(
+                f"skipping unusable checkpoint: {e}; falling back to the previous one", stacklevel=2
+            )
     return None
 
 
@@ -204,7 +208,9 @@ def load_tensors_safely(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: refused to load ({e.__class__.__name__}: only tensors allowed)") from e
+        raise CheckpointError(
+            f"{path}: refused to load ({e.__class__.__name__}: only tensors allowed)"
+        ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
     return obj

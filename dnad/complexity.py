@@ -44,7 +44,11 @@ def count_complexity(model: nn.Module, input_shape: tuple[int, int, int]) -> Com
     try:
         with torch.no_grad(), reference_kernels(), contextlib.redirect_stdout(io.StringIO()):
             macs, _ = get_model_complexity_info(
-                model, tuple(input_shape), as_strings=False, print_per_layer_stat=False, backend=PTFLOPS_BACKEND
+                model,
+                tuple(input_shape),
+                as_strings=False,
+                print_per_layer_stat=False,
+                backend=PTFLOPS_BACKEND,
             )
     finally:
         model.train(was_training)
@@ -151,7 +155,7 @@ def genotype_cost(
             if r1:
                 m, p = _preprocess_cost(plan.C_prev2, plan.C, h_prev2, plan.reduction_prev, affine)
                 macs, params = macs + m, params + p
-            for k, node in enumerate(spec):
+            for node in spec:
                 for i, op in node:
                     stride = 2 if plan.reduction and i < 2 else 1
                     # in a reduction cell only the ops on the cell inputs see the larger resolution

@@ -69,7 +69,7 @@ class FrozenTeacher(nn.Module):
             p.requires_grad_(False)
         self.model.eval()
 
-    def train(self, mode: bool = True) -> FrozenTeacher:  # noqa: ARG002 - the teacher never trains
+    def train(self, mode: bool = True) -> FrozenTeacher:
         super().train(False)
         self.model.eval()
         return self
@@ -96,7 +96,9 @@ def make_teacher(cfg: TeacherConfig, num_classes: int, in_channels: int, image_s
         from dnad.network import build_model
 
         if not cfg.genotype or not Path(cfg.genotype).is_file():
-            raise InputError("distill.teacher.genotype", cfg.genotype, "give the path of a genotype JSON file")
+            raise InputError(
+                "distill.teacher.genotype", cfg.genotype, "give the path of a genotype JSON file"
+            )
         g = Genotype.load(cfg.genotype)
         return build_model(g, cfg.C, num_classes, in_channels, image_size, keep_taps=True)
     raise InputError("distill.teacher.kind", cfg.kind, "checkpoint teachers are loaded with load_teacher()")

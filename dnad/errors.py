@@ -24,8 +24,10 @@ class DivergenceError(DnadError):
 
     def __init__(self, stage: str, step: int, count: int, what: str):
         self.stage, self.step, self.count = stage, step, count
-        super().__init__(f"{stage}: {count} consecutive non-finite steps up to step {step} ({what}); "
-                         "lower the learning rate or check the data")
+        super().__init__(
+            f"{stage}: {count} consecutive non-finite steps up to step {step} ({what}); "
+            "lower the learning rate or check the data"
+        )
 
 
 class CheckpointError(DnadError):

@@ -35,7 +35,9 @@ class Genotype:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        canon = tuple(tuple(tuple(sorted((int(i), str(o)) for i, o in node)) for node in cell) for cell in self.cells)
+        canon = tuple(
+            tuple(tuple(sorted((int(i), str(o)) for i, o in node)) for node in cell) for cell in self.cells
+        )
         object.__setattr__(self, "cells", canon)
         object.__setattr__(self, "reductions", tuple(sorted(int(r) for r in self.reductions)))
         self.validate()
@@ -79,7 +81,9 @@ class Genotype:
         if unknown:
             raise ValueError(f"unknown genotype keys {sorted(unknown)}")
         return cls(
-            cells=tuple(tuple(tuple((int(i), str(o)) for i, o in node) for node in cell) for cell in d["cells"]),
+            cells=tuple(
+                tuple(tuple((int(i), str(o)) for i, o in node) for node in cell) for cell in d["cells"]
+            ),
             reductions=tuple(d["reductions"]),
             format_version=int(d.get("format_version", FORMAT_VERSION)),
         )
@@ -145,9 +149,7 @@ def from_darts(
         if len(spec) != 2 * nodes:
             raise ValueError(f"a DARTS cell lists 2 pairs per node: expected {2 * nodes}, got {len(spec)}")
         swap = {0: 1, 1: 0}
-        return tuple(
-            tuple((swap.get(i, i), op) for op, i in spec[2 * k : 2 * k + 2]) for k in range(nodes)
-        )
+        return tuple(tuple((swap.get(i, i), op) for op, i in spec[2 * k : 2 * k + 2]) for k in range(nodes))
 
     reds = reduction_indices(num_cells)
     n, r = convert(normal), convert(reduce)

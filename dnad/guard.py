@@ -34,8 +34,13 @@ class NonFiniteGuard:
             return True
         self.consecutive += 1
         self.skipped_total += 1
-        log.warning("%s: non-finite %s at step %d; step skipped (%d in a row)", self.stage, what, step,
-                    self.consecutive)
+        log.warning(
+            "%s: non-finite %s at step %d; step skipped (%d in a row)",
+            self.stage,
+            what,
+            step,
+            self.consecutive,
+        )
         if self.consecutive >= self.limit:
             raise DivergenceError(self.stage, step, self.consecutive, what)
         return False

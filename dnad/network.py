@@ -11,7 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dnad.cells import CellInputs, CellPlan, Head, Stem, live_cells, plan_cells, resolve_stem, run_cells, stage_taps
+from dnad.cells import (
+    CellInputs,
+    CellPlan,
+    Head,
+    Stem,
+    live_cells,
+    plan_cells,
+    resolve_stem,
+    run_cells,
+    stage_taps,
+)
 from dnad.genotype import CellSpec, Genotype
 from dnad.ops import build_op, is_identity
 

@@ -78,6 +78,14 @@ class ReLUConvBN(nn.Sequential):
 class DilConv(nn.Sequential):
     """ReLU -> depthwise k×k (dilated) -> pointwise 1×1 -> BN."""
 
+    starts_with_relu = True
+
+    def from_relu(self, x_relu: torch.Tensor) -> torch.Tensor:
+        """The op applied to an input that has already been through ReLU (shared across ops)."""
+        for m in list(self)[1:]:
+            x_relu = m(x_relu)
+        return x_relu
+
     def __init__(self, C_in: int, C_out: int, k: int, stride: int, dilation: int, affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
@@ -89,6 +97,11 @@ class DilConv(nn.Sequential):
 
 class SepConv(nn.Sequential):
     """DARTS separable conv: (ReLU -> dw k×k -> pw -> BN) twice; stride on the first half."""
+
+    starts_with_relu = True
+
+    def from_relu(self, x_relu: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0].from_relu(x_relu))
 
     def __init__(self, C_in: int, C_out: int, k: int, stride: int, affine: bool = True):
         super().__init__(
@@ -109,8 +122,12 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
+    starts_with_relu = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.from_relu(self.relu(x))
+
+    def from_relu(self, x: torch.Tensor) -> torch.Tensor:
         # the one-pixel-offset branch is zero-padded at the far edge: identical to DARTS for even
         # sizes, and it keeps both halves the same size for odd ones (7×7 -> 4×4)
         b = self.conv_2(nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1)))

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dnad.config import DataConfig, DistillConfig, RetrainConfig, SearchConfig, ShrinkConfig, SupernetConfig, TeacherConfig
+from dnad.config import (
+    DataConfig,
+    DistillConfig,
+    RetrainConfig,
+    SearchConfig,
+    ShrinkConfig,
+    SupernetConfig,
+    TeacherConfig,
+)
 
 
 def tiny_data(**kw) -> DataConfig:

@@ -114,7 +114,9 @@ class RetrainLoop:
                 logits, aux = model(x), None
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if aux is not None:
-                loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, y, label_smoothing=cfg.label_smoothing)
+                loss = loss + cfg.auxiliary_weight * F.cross_entropy(
+                    aux, y, label_smoothing=cfg.label_smoothing
+                )
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -55,7 +55,13 @@ class SearchModule(nn.Module):
         self.net, self.distiller, self.knowledge_rate = net, distiller, knowledge_rate
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, teacher_out: tuple | None, gamma: float, mu: float, shrinking: bool
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        teacher_out: tuple | None,
+        gamma: float,
+        mu: float,
+        shrinking: bool,
     ) -> dict[str, torch.Tensor]:
         if self.distiller is not None and teacher_out is not None:
             logits, feats = self.net(x, with_features=True)
@@ -67,7 +73,15 @@ class SearchModule(nn.Module):
         S = self.net.sparsity()
         base = ce + self.knowledge_rate * kd
         loss = base * (1.0 + gamma * S) + gamma * mu * S if shrinking else base
-        return {"loss": loss, "ce": ce, "kd": kd, "kd_feat": feat, "kd_logit": logit, "S": S, "logits": logits}
+        return {
+            "loss": loss,
+            "ce": ce,
+            "kd": kd,
+            "kd_feat": feat,
+            "kd_logit": logit,
+            "S": S,
+            "logits": logits,
+        }
 
 
 def build_supernet(cfg: SearchConfig, data: DatasetBundle) -> SuperNet:
@@ -112,7 +126,9 @@ class SearchLoop:
         self.ddp: nn.Module = self.module
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=ids, find_unused_parameters=True
+            )
         self.adapter_params = list(distiller.parameters()) if distiller is not None else []
         self.w_opt = torch.optim.Adam(
             self.net.weight_parameters() + self.adapter_params,
@@ -177,7 +193,9 @@ class SearchLoop:
     def _emit(self, S: float, final: bool) -> Emission:
         g = self.net.export()
         d = self.data
-        macs, params = genotype_cost(g, self.net.C, d.num_classes, d.in_channels, d.image_size, self.net.stem_kind)
+        macs, params = genotype_cost(
+            g, self.net.C, d.num_classes, d.in_channels, d.image_size, self.net.stem_kind
+        )
         e = Emission(
             index=len(self.emissions), step=self.step, epoch=self.epoch, S=S, gamma=self.controller.gamma,
             mu=self.controller.mu, alive_pairs=g.num_pairs, params=params, macs=macs, arch_id=g.arch_id,
@@ -201,7 +219,9 @@ class SearchLoop:
             m = self.train_step(x, y)
             self.batch += 1
             self._window.add(m, x.shape[0] * self.world_size)
-            if self.callback is not None and (m["emitted"] or self.step % self.cfg.log_every == 0 or self.batch == n):
+            if self.callback is not None and (
+                m["emitted"] or self.step % self.cfg.log_every == 0 or self.batch == n
+            ):
                 self.callback(self._metrics(m))
         self.epoch += 1
         self.batch = 0

@@ -11,7 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dnad.cells import CellInputs, CellPlan, Head, Stem, live_cells, plan_cells, resolve_stem, run_cells, stage_taps
+from dnad.cells import (
+    CellInputs,
+    CellPlan,
+    Head,
+    Stem,
+    live_cells,
+    plan_cells,
+    resolve_stem,
+    run_cells,
+    stage_taps,
+)
 from dnad.genotype import Genotype
 from dnad.ops import build_op, resolve_op_set
 
@@ -55,6 +65,37 @@ def normalise(alpha: torch.Tensor, deleted: torch.Tensor, segments: list[tuple[i
     return torch.cat(outs, dim=1)
 
 
+class WeightedSum(torch.autograd.Function):
+    """Σ_k w_k·x_k into one buffer (no per-term temporaries); backward gives w and every x a grad.
+
+    Saves memory and bandwidth in the dense super-network: the plain `Σ w_k * x_k` allocates two
+    full-size tensors per term.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, *xs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, *xs)
+        out = xs[0] * w[0]
+        for k in range(1, len(xs)):
+            out.addcmul_(xs[k], w[k])
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        w, *xs = ctx.saved_tensors
+        g_flat = g.reshape(-1)
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.stack([torch.dot(g_flat, x.reshape(-1)) for x in xs]).to(w.dtype)
+        grads = [g * w[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(xs))]
+        return (grad_w, *grads)
+
+
+def weighted_sum(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_k w[k]·xs[k] for (K,) weights and K same-shape tensors."""
+    return WeightedSum.apply(w, *xs)
+
+
 class MixedCell(nn.Module):
     """A search cell: every (input state, op) pair of every node, each with its own weights."""
 
@@ -89,13 +130,21 @@ class MixedCell(nn.Module):
         """s_*: (N, C_prev*, H, W); w: (pairs,) mixing weights; alive: which pairs to compute."""
         r0, r1 = self.reads(alive)
         states = self.inputs(s_prev if r0 else None, s_prev2 if r1 else None)
+        relu: dict[int, torch.Tensor] = {}  # ReLU(state) computed once, shared by every op starting with it
         for row in self.pairs:
-            acc = None
+            cols, outs = [], []
             for col, i, key in row:
-                if alive[col]:
-                    term = self.edges[key](states[i]) * w[col]
-                    acc = term if acc is None else acc + term
-            states.append(acc)
+                if not alive[col]:
+                    continue
+                edge = self.edges[key]
+                if getattr(edge, "starts_with_relu", False):
+                    if i not in relu:
+                        relu[i] = torch.relu(states[i])
+                    outs.append(edge.from_relu(relu[i]))
+                else:
+                    outs.append(edge(states[i]))
+                cols.append(col)
+            states.append(weighted_sum(w[cols], outs))
         return torch.cat(states[2:], dim=1)
 
 
@@ -181,7 +230,10 @@ class SuperNet(nn.Module):
         cells = []
         for cell, row_alive in zip(self.cells, alive):
             cells.append(
-                tuple(tuple((i, key.split("_", 2)[2]) for col, i, key in row if row_alive[col]) for row in cell.pairs)
+                tuple(
+                    tuple((i, key.split("_", 2)[2]) for col, i, key in row if row_alive[col])
+                    for row in cell.pairs
+                )
             )
         return Genotype(cells=tuple(cells), reductions=tuple(p.index for p in self.plans if p.reduction))
 

@@ -19,8 +19,13 @@ from dnad.errors import CheckpointError
 
 def state(v=1.0):
     opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], betas=(0.5, 0.999))
-    return {"w": torch.full((2, 2), v), "opt": opt.state_dict(), "pos": {"epoch": 3, "t": (1, 2.5, None)},
-            "rng": torch.get_rng_state(), "x": float("inf")}
+    return {
+        "w": torch.full((2, 2), v),
+        "opt": opt.state_dict(),
+        "pos": {"epoch": 3, "t": (1, 2.5, None)},
+        "rng": torch.get_rng_state(),
+        "x": float("inf"),
+    }
 
 
 def test_flatten_roundtrip_keeps_int_keys_and_tuples():

@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from dnad.config import DistillConfig, TeacherConfig
-from dnad.distill import Distiller, FrozenTeacher, ResNetTeacher, load_teacher, logit_kd, make_teacher, save_teacher
+from dnad.distill import (
+    Distiller,
+    FrozenTeacher,
+    ResNetTeacher,
+    load_teacher,
+    logit_kd,
+    make_teacher,
+    save_teacher,
+)
 from dnad.errors import InputError
 from dnad.genotype import Genotype
 from dnad.supernet import SuperNet
@@ -47,8 +55,11 @@ def test_genotype_teacher_and_checkpoint_roundtrip(tmp_path):
     model = make_teacher(cfg, 5, 3, 16)
     _, feats = model.forward_features(torch.randn(2, 3, 16, 16))
     assert len(feats) == 3
-    save_teacher(tmp_path / "t", model, {"teacher": cfg.model_dump(), "num_classes": 5, "in_channels": 3,
-                                          "image_size": 16})
+    save_teacher(
+        tmp_path / "t",
+        model,
+        {"teacher": cfg.model_dump(), "num_classes": 5, "in_channels": 3, "image_size": 16},
+    )
     again = load_teacher(tmp_path / "t")
     x = torch.randn(2, 3, 16, 16)
     model.eval(), again.eval()
@@ -57,7 +68,7 @@ def test_genotype_teacher_and_checkpoint_roundtrip(tmp_path):
 
 
 def test_bad_teacher_inputs():
-    with pytest.raises(InputError, match="distill.teacher.arch"):
+    with pytest.raises(InputError, match=r"distill\.teacher\.arch"):
         make_teacher(TeacherConfig(arch="vgg11"), 10, 3, 32)
-    with pytest.raises(InputError, match="distill.teacher.genotype"):
+    with pytest.raises(InputError, match=r"distill\.teacher\.genotype"):
         make_teacher(TeacherConfig(kind="genotype", genotype="/nonexistent.json"), 10, 3, 32)

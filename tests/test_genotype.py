@@ -8,7 +8,12 @@ from dnad.network import auto_drop_path, build_model
 
 
 def small_genotype():
-    cell = (((0, "sep_conv_3x3"), (1, "skip_connect")), ((2, "dil_conv_5x5"),), ((0, "skip_connect"), (3, "sep_conv_3x3")), ((4, "sep_conv_3x3"),))
+    cell = (
+        ((0, "sep_conv_3x3"), (1, "skip_connect")),
+        ((2, "dil_conv_5x5"),),
+        ((0, "skip_connect"), (3, "sep_conv_3x3")),
+        ((4, "sep_conv_3x3"),),
+    )
     return Genotype(cells=(cell, cell, cell), reductions=(1, 2))
 
 

@@ -28,8 +28,21 @@ def test_search_emits_shrinking_family_with_metrics(data):
     alive = [e.alive_pairs for e in emissions]
     assert alive == sorted(alive, reverse=True) and alive[-1] < 3 * 42
     assert len({e.arch_id for e in emissions}) >= 2
-    keys = {"step", "epoch", "loss", "ce", "kd", "S", "gamma", "mu", "alive_pairs", "est_macs", "train_acc",
-            "img_per_s", "emitted"}
+    keys = {
+        "step",
+        "epoch",
+        "loss",
+        "ce",
+        "kd",
+        "S",
+        "gamma",
+        "mu",
+        "alive_pairs",
+        "est_macs",
+        "train_acc",
+        "img_per_s",
+        "emitted",
+    }
     assert rows and keys <= set(rows[0])
     assert sum(r["emitted"] for r in rows) == sum(not e.final for e in emissions)
     assert rows[-1]["S"] < rows[0]["S"]

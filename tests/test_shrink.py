@@ -3,7 +3,9 @@ import pytest
 from dnad.config import ShrinkConfig
 from dnad.shrink import ShrinkController
 
-CFG = ShrinkConfig(gamma0=1.0, gamma_max=4.0, phi=2.0, k=0.5, n_max=0.3, tau=0.5, t_max=2, mu0=0.1, rho=1.5, xi=0.5)
+CFG = ShrinkConfig(
+    gamma0=1.0, gamma_max=4.0, phi=2.0, k=0.5, n_max=0.3, tau=0.5, t_max=2, mu0=0.1, rho=1.5, xi=0.5
+)
 
 
 def test_scripted_sequence_matches_hand_computation():
@@ -50,5 +52,15 @@ def test_stop_rule():
 def test_cifar_defaults():
     s = ShrinkConfig()
     assert (s.gamma0, s.gamma_max, s.phi, s.k, s.n_max, s.tau, s.t_max, s.mu0, s.rho, s.xi, s.s_min) == (
-        1e-4, 0.10, 1.01, 0.99, 0.005, 0.90, 50, 0.1, 1.5, 1.0, 250
+        1e-4,
+        0.10,
+        1.01,
+        0.99,
+        0.005,
+        0.90,
+        50,
+        0.1,
+        1.5,
+        1.0,
+        250,
     )

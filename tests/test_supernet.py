@@ -84,7 +84,8 @@ def count_calls(net):
 
     for cell in net.cells:
         for edge in cell.edges.values():
-            edge.register_forward_hook(hook)
+            # the op's last module runs exactly once per computed pair (the leading ReLU may be shared)
+            list(edge.modules())[-1].register_forward_hook(hook)
     return calls
 
 
@@ -124,9 +125,7 @@ def test_dead_cells_and_unread_inputs_are_skipped():
     assert pre_calls["pre0"] == 0
 
 
-@pytest.mark.parametrize(
-    "in_ch,size,cells", [(1, 28, 3), (3, 32, 3), (3, 224, 3)]
-)
+@pytest.mark.parametrize("in_ch,size,cells", [(1, 28, 3), (3, 32, 3), (3, 224, 3)])
 def test_stems(in_ch, size, cells):
     net = SuperNet(C=4, num_cells=cells, num_classes=10, in_channels=in_ch, image_size=size)
     logits, feats = net.forward_features(torch.randn(2, in_ch, size, size))
@@ -155,7 +154,7 @@ def test_parity_supernet_vs_derived_network():
     net.eval()
     g = net.export()
     model = build_model(g, C=4, num_classes=5, in_channels=3, image_size=16)
-    missing, unexpected = model.load_state_dict(net.state_dict(), strict=False)
+    missing, _unexpected = model.load_state_dict(net.state_dict(), strict=False)
     assert all(k.endswith((".weight", ".bias")) for k in missing)  # affine BN params only (init 1/0)
     assert all(model.state_dict()[k].dim() == 1 for k in missing)
     w = net.mixing_weights().detach()
@@ -169,3 +168,13 @@ def test_parity_supernet_vs_derived_network():
     with torch.no_grad():
         assert torch.allclose(net(x), model(x), atol=1e-5)
     assert math.isclose(sum(len(n) for cell in g.cells for n in cell), net.alive_pairs())
+
+
+def test_weighted_sum_matches_plain_sum_values_and_grads():
+    from dnad.supernet import weighted_sum
+
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda w, *xs: weighted_sum(w, list(xs)), (w, *xs))
+    plain = sum(w[k] * xs[k] for k in range(3))
+    assert torch.allclose(weighted_sum(w, xs), plain)

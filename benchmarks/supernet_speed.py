@@ -1,0 +1,112 @@
+"""Training-step speed of the search super-network (forward, backward, both optimizer steps).
+
+    python benchmarks/supernet_speed.py --preset paper-cifar
+
+prints one JSON line: img_per_s_dense, img_per_s_half (a fixed seeded half of the pairs deleted),
+peak_rss_mb, plus the settings and the machine. `--profile` adds a per-op breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dnad.supernet import SuperNet
+
+PRESETS = {
+    # the reference's CIFAR search size
+    "paper-cifar": dict(C=16, cells=8, ops="reference", batch=64, channels=3, size=32, classes=10),
+    "fashion": dict(C=16, cells=8, ops="reference", batch=64, channels=1, size=28, classes=10),
+    "tiny": dict(C=4, cells=3, ops="reference", batch=32, channels=3, size=16, classes=5),
+}
+
+
+def step_time(net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> float:
+    w_opt = torch.optim.Adam(net.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4)
+    a_opt = torch.optim.SGD(net.arch_parameters(), lr=0.2)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.weight_parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(net.arch_parameters(), 5.0)
+        w_opt.step()
+        a_opt.step()
+        net.enforce_deleted()
+        w_opt.zero_grad(set_to_none=True)
+        a_opt.zero_grad(set_to_none=True)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def delete_half(net: SuperNet, seed: int = 0) -> int:
+    """Delete a fixed seeded half of the pairs (the 0/0 guard keeps one pair per node alive)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        mask = torch.rand(net.alpha.shape, generator=g) < 0.5
+        net.alpha[mask] = 0.0
+    return net.delete_below_threshold()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="paper-cifar")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true", help="print a per-op profile of one dense step")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    p = PRESETS[a.preset]
+    dev = torch.device(a.device)
+    net = SuperNet(
+        C=p["C"], num_cells=p["cells"], num_classes=p["classes"], in_channels=p["channels"], image_size=p["size"],
+        ops=p["ops"],
+    ).to(dev)  # fmt: skip
+    x = torch.randn(p["batch"], p["channels"], p["size"], p["size"], device=dev)
+    y = torch.randint(0, p["classes"], (p["batch"],), device=dev)
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            F.cross_entropy(net(x), y).backward()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+        net.zero_grad(set_to_none=True)
+    dense = step_time(net, x, y, a.steps, a.warmup)
+    rss_dense = peak_rss_mb()
+    deleted = delete_half(net)
+    half = step_time(net, x, y, a.steps, a.warmup)
+    out = {
+        "preset": a.preset, "device": str(dev), "threads": a.threads, "batch": p["batch"],
+        "img_per_s_dense": round(p["batch"] / dense, 2), "img_per_s_half": round(p["batch"] / half, 2),
+        "step_s_dense": round(dense, 4), "step_s_half": round(half, 4), "pairs_deleted": deleted,
+        "pairs_total": int(net.alpha.numel()), "peak_rss_mb": round(max(rss_dense, peak_rss_mb()), 1),
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+    }  # fmt: skip
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

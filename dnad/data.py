@@ -1,0 +1,486 @@
+"""Datasets and deterministic batch iterators.
+
+`load_dataset(cfg)` returns a `DatasetBundle` of train / val / test splits. Small datasets (Fashion-MNIST,
+CIFAR, fake) live in memory as uint8 N×C×H×W tensors (`TensorSplit`); image folders (ImageNet) are decoded
+per sample (`FolderSplit`). Nothing is ever downloaded.
+
+`BatchIterator` turns a split into float32 NCHW normalised batches. Every batch is a pure function of
+(seed, epoch, batch index, rank, world_size): the epoch order and each batch's augmentation come from
+generators seeded by those numbers only, so `iterate(epoch, start_batch=k)` resumes a search mid-epoch
+with exactly the batches the interrupted run would have seen.
+
+Pixel statistics (`mean`, `std`) are in units of pixel/255, per channel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dnad.config import DataConfig
+from dnad.errors import DatasetNotFoundError, InputError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist/"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "fake": ((0.5,), (0.25,)),
+}
+
+
+def _seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of parts; a hash so that (1, 23) and (12, 3) differ."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _gen(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*parts))
+
+
+# ----------------------------------------------------------------------------------------------- splits
+class Split:
+    """N labelled images. `labels`: int64 (N,). `split[i]` -> (uint8 C×H×W tensor, int label)."""
+
+    labels: Tensor
+    in_memory: bool = False
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+    def subset(self, idx: Tensor) -> Split:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class TensorSplit(Split):
+    """In-memory split: `images` uint8 (N, C, H, W), `labels` int64 (N,). Read-only: Fashion-MNIST
+    tensors are shared with a load cache."""
+
+    images: Tensor
+    labels: Tensor
+    in_memory = True
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    def subset(self, idx: Tensor) -> TensorSplit:
+        return TensorSplit(self.images.index_select(0, idx), self.labels.index_select(0, idx))
+
+
+@dataclass(eq=False)
+class FolderSplit(Split):
+    """Lazily decoded split over an `ImageFolder`'s `samples`: `split[i]` is resized (shorter side to
+    size/0.875) and centre-cropped to `image_size`, RGB uint8 (3, S, S)."""
+
+    samples: list[tuple[str, int]]
+    labels: Tensor
+    image_size: int
+
+    def _open(self, i: int) -> Image:
+        from PIL import Image
+
+        with Image.open(self.samples[i][0]) as img:
+            return img.convert("RGB")
+
+    def _to_tensor(self, img: Image, box: tuple[float, float, float, float]) -> Tensor:
+        from PIL.Image import Resampling
+
+        s = self.image_size
+        # crop and resize in one PIL call: cheaper than crop() then resize() and no double resampling
+        out = img.resize((s, s), Resampling.BILINEAR, box=box)
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img = self._open(i)
+        w, h = img.size
+        side = min(w, h) * 0.875  # the standard "resize to 256, centre-crop 224" ratio
+        left, top = (w - side) / 2, (h - side) / 2
+        return self._to_tensor(img, (left, top, left + side, top + side)), self.samples[i][1]
+
+    def random_crop(self, i: int, u: Tensor) -> Tensor:
+        """RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) of image i, driven by the pre-drawn
+        uniforms `u` (10, 4) so that the result does not depend on which thread runs it."""
+        img = self._open(i)
+        W, H = img.size
+        lo, hi = math.log(3 / 4), math.log(4 / 3)
+        for a, r, ti, tj in u.tolist():  # torchvision's 10 attempts
+            area = W * H * (0.08 + 0.92 * a)
+            aspect = math.exp(lo + (hi - lo) * r)
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= W and 0 < h <= H:
+                top, left = int(ti * (H - h + 1)), int(tj * (W - w + 1))
+                return self._to_tensor(img, (left, top, left + w, top + h))
+        # fallback (torchvision's): the largest centred crop with a legal aspect ratio
+        w, h = min(W, round(H * 4 / 3)), min(H, round(W * 4 / 3))
+        left, top = (W - w) // 2, (H - h) // 2
+        return self._to_tensor(img, (left, top, left + w, top + h))
+
+    def subset(self, idx: Tensor) -> FolderSplit:
+        return FolderSplit([self.samples[i] for i in idx.tolist()], self.labels[idx], self.image_size)
+
+
+@dataclass(eq=False)
+class DatasetBundle:
+    """Splits plus meta. `val` is None when `val_fraction == 0`. `mean`/`std`: per channel, pixel/255."""
+
+    name: str
+    train: Split
+    val: Split | None
+    test: Split
+    in_channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
+
+    def iterator(
+        self,
+        which: Literal["train", "val", "test"],
+        batch_size: int,
+        *,
+        seed: int,
+        augment: bool = False,
+        cutout: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> BatchIterator:
+        """A `BatchIterator` over one split, in training mode (shuffle, augment, drop_last) iff `train`."""
+        split = getattr(self, which)
+        if split is None:
+            raise InputError("data.val_fraction", 0.0, "no validation split; set data.val_fraction > 0")
+        kw = {"mean": self.mean, "std": self.std, "rank": rank, "world_size": world_size, "cutout": cutout}
+        return BatchIterator(split, batch_size, seed=seed, train=which == "train", augment=augment, **kw)
+
+
+def describe(b: DatasetBundle) -> str:
+    """One line, e.g. `fashion_mnist: 60000 train / 0 val / 10000 test, 1x28x28, 10 classes`."""
+    nval = len(b.val) if b.val is not None else 0
+    sizes = f"{len(b.train)} train / {nval} val / {len(b.test)} test"
+    return f"{b.name}: {sizes}, {b.in_channels}x{b.image_size}x{b.image_size}, {b.num_classes} classes"
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+@lru_cache(maxsize=4)  # the 47 MB train file takes ~0.3 s to inflate; tests and trials reload it often
+def _read_idx(path: str, mtime_ns: int, want_magic: int) -> Tensor:
+    """An IDX file as a uint8 tensor of the shape its header gives (images N×28×28, labels N)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise InputError("data.root", path, f"cannot read IDX file ({e})") from e
+    ndim = want_magic & 0xFF
+    if len(data) < 4 + 4 * ndim or struct.unpack(">I", data[:4])[0] != want_magic:
+        raise InputError("data.root", path, f"not an IDX file (expected magic 0x{want_magic:08x})")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    if len(data) != 4 + 4 * ndim + math.prod(shape):
+        raise InputError("data.root", path, f"truncated or corrupt IDX file (header says {shape})")
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return torch.from_numpy(arr.copy())
+
+
+def _fashion_mnist(cfg: DataConfig) -> tuple[TensorSplit, TensorSplit]:
+    base = Path(cfg.root or FASHION_MNIST_ROOT)
+
+    def find(d: Path, stem: str) -> Path | None:
+        return next((p for p in (d / f"{stem}.gz", d / stem) if p.is_file()), None)
+
+    splits = []
+    for part in ("train", "t10k"):
+        stems = (f"{part}-images-idx3-ubyte", f"{part}-labels-idx1-ubyte")
+        for d in (base, base / "FashionMNIST" / "raw"):  # torchvision's layout too
+            paths = [find(d, s) for s in stems]
+            if all(paths):
+                break
+        else:
+            hint = "Fashion-MNIST IDX files not found; install them with "
+            hint += "`apt-get install dataset-fashion-mnist` or set data.root=DIR"
+            raise DatasetNotFoundError("data.root", str(base), hint)
+        x, y = (_read_idx(str(p), p.stat().st_mtime_ns, m) for p, m in zip(paths, (0x803, 0x801)))
+        if len(x) != len(y) or len(y) == 0 or int(y.max()) > 9:
+            raise InputError("data.root", str(paths[1]), f"want {len(x)} labels in 0..9, got {len(y)}")
+        splits.append(TensorSplit(x.unsqueeze(1), y.long()))
+    return splits[0], splits[1]
+
+
+def _cifar(cfg: DataConfig) -> tuple[TensorSplit, TensorSplit, tuple[str, ...]]:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
+    if cfg.root is None:
+        hint = f"{cfg.dataset} needs data.root=DIR holding {cls.base_folder}/ (torchvision's layout)"
+        raise InputError("data.root", None, hint + "; nothing is downloaded")
+    root = Path(cfg.root)
+    if root.name == cls.base_folder:  # accept the batches folder itself
+        root = root.parent
+    missing = [n for n, _ in cls.train_list + cls.test_list if not (root / cls.base_folder / n).is_file()]
+    if missing:
+        hint = f"{cfg.dataset} files missing under {root / cls.base_folder}: {', '.join(missing)}"
+        raise DatasetNotFoundError("data.root", cfg.root, hint)
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=False)
+        except (RuntimeError, OSError, KeyError, ValueError) as e:
+            raise InputError("data.root", cfg.root, f"{cfg.dataset} files are corrupt ({e})") from e
+        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        out.append(TensorSplit(x, torch.as_tensor(ds.targets, dtype=torch.long)))
+    return out[0], out[1], tuple(ds.classes)
+
+
+def _folder(path: Path, size: int) -> tuple[FolderSplit, tuple[str, ...]]:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        ds = ImageFolder(str(path))
+    except OSError as e:  # FileNotFoundError: no class folders, or a class folder without images
+        raise InputError("data.root", str(path), f"no images: expected class folders of images ({e})") from e
+    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    return FolderSplit(list(ds.samples), labels, size), tuple(ds.classes)
+
+
+def _imagefolder(cfg: DataConfig) -> tuple[FolderSplit, FolderSplit, tuple[str, ...]]:
+    if cfg.root is None or not Path(cfg.root).is_dir():
+        hint = f"{cfg.dataset} needs data.root=DIR with train/ and val/ (or test/) folders of class folders"
+        raise DatasetNotFoundError("data.root", cfg.root, hint)
+    root, size = Path(cfg.root), cfg.image_size or 224
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), root / "val")
+    train, classes = _folder(root / "train", size)
+    test, test_classes = _folder(test_dir, size)
+    if test_classes != classes:
+        raise InputError("data.root", str(test_dir), "its class folders differ from train/'s")
+    want = cfg.num_classes or (1000 if cfg.dataset == "imagenet" else None)
+    if want is not None and want != len(classes):
+        raise InputError("data.num_classes", want, f"{root / 'train'} has {len(classes)} class folders")
+    return train, test, classes
+
+
+def _fake(cfg: DataConfig) -> tuple[TensorSplit, TensorSplit]:
+    # a fixed dataset (independent of cfg.seed, like FakeData's random_offset): the seed picks splits only
+    s, c, k = cfg.image_size or 32, cfg.channels, cfg.num_classes or 10
+    out = []
+    for n, tag in ((cfg.fake_size, "train"), (cfg.fake_size // 4, "test")):
+        g = _gen("fake", tag, c, s, k)
+        x = torch.randint(0, 256, (n, c, s, s), dtype=torch.uint8, generator=g)
+        y = (torch.arange(n) % k)[torch.randperm(n, generator=g)]  # balanced: every class present
+        out.append(TensorSplit(x, y))
+    return out[0], out[1]
+
+
+def _stratified_order(labels: Tensor, g: torch.Generator) -> Tensor:
+    """A seeded permutation whose every prefix is (close to) class-proportional."""
+    n = labels.numel()
+    perm = torch.randperm(n, generator=g)
+    lab = labels[perm]
+    counts = torch.bincount(lab)
+    by_class = torch.argsort(lab, stable=True)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[by_class] = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[lab[by_class]]
+    key = (rank.double() + 0.5) / counts[lab].double()  # position of each image within its class, in [0, 1)
+    return perm[torch.argsort(key, stable=True)]
+
+
+def _take(split: Split, k: int | None, field: str, what: str, g: torch.Generator) -> Split:
+    if k is None:
+        return split
+    if k > len(split):
+        raise InputError(field, k, f"larger than the {what} split ({len(split)} images)")
+    return split.subset(torch.sort(_stratified_order(split.labels, g)[:k]).values)
+
+
+def load_dataset(cfg: DataConfig) -> DatasetBundle:
+    """Load `cfg.dataset`, then (all seeded by `cfg.seed`) take `train_subset` images of train, carve
+    `val_fraction` of them out as a validation split, and take `test_subset` images of test. Subsets and
+    the validation carve are stratified by class."""
+    classes: tuple[str, ...] = ()
+    if cfg.dataset == "fashion_mnist":
+        train, test = _fashion_mnist(cfg)
+        classes = FASHION_MNIST_CLASSES
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        train, test, classes = _cifar(cfg)
+    elif cfg.dataset in ("imagefolder", "imagenet"):
+        train, test, classes = _imagefolder(cfg)
+    else:
+        train, test = _fake(cfg)
+    if isinstance(train, TensorSplit):
+        in_ch, size = train.images.shape[1], train.images.shape[2]
+    else:
+        in_ch, size = 3, cfg.image_size or 224
+    num_classes = len(classes) or (cfg.num_classes or 10)
+    mean, std = STATS.get(cfg.dataset, STATS["imagenet"])
+    if len(mean) != in_ch:  # fake: one statistic per channel
+        mean, std = mean * in_ch, std * in_ch
+
+    train = _take(train, cfg.train_subset, "data.train_subset", "training", _gen(cfg.seed, "train_subset"))
+    val = None
+    if cfg.val_fraction > 0:
+        n_val = max(1, round(cfg.val_fraction * len(train)))
+        if n_val >= len(train):
+            raise InputError(
+                "data.val_fraction", cfg.val_fraction, f"leaves no training image of {len(train)}"
+            )
+        order = _stratified_order(train.labels, _gen(cfg.seed, "val"))
+        val = train.subset(torch.sort(order[:n_val]).values)
+        train = train.subset(torch.sort(order[n_val:]).values)
+    test = _take(test, cfg.test_subset, "data.test_subset", "test", _gen(cfg.seed, "test_subset"))
+    return DatasetBundle(cfg.dataset, train, val, test, in_ch, size, num_classes, mean, std, classes)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+class BatchIterator:
+    """Deterministic batches of one split.
+
+    Train mode: each epoch is a permutation seeded by (seed, epoch), padded by wrapping to a multiple of
+    `world_size` and dealt to ranks DistributedSampler-style (rank r gets positions r, r+W, ...), cut
+    into `batch_size` batches (the last partial batch dropped when `drop_last`). Augmentation (if
+    `augment`) draws from a generator seeded by (seed, epoch, batch, rank, world_size).
+    Eval mode (`train=False`): split order, no augmentation, last partial batch kept.
+    Yields x float32 (B, C, H, W) normalised with `mean`/`std` (pixel/255 units), y int64 (B,).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        seed: int,
+        train: bool,
+        augment: bool,
+        cutout: int = 0,
+        mean: Sequence[float],
+        std: Sequence[float],
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool | None = None,
+    ):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if len(split) == 0:
+            raise InputError("split", 0, "the split holds no images")
+        self.split, self.batch_size, self.seed, self.train = split, batch_size, seed, train
+        self.augment, self.cutout = augment and train, cutout if train else 0
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = train if drop_last is None else drop_last
+        self.per_rank = math.ceil(len(split) / world_size)
+        if self.drop_last and self.per_rank < batch_size:
+            hint = f"larger than the {self.per_rank} images per rank; lower it or use more images"
+            raise InputError("batch_size", batch_size, hint)
+        m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        # (x/255 - m)/s folded into one multiply-subtract per pixel
+        self._scale, self._shift = (1 / (255 * s)).view(1, -1, 1, 1), (m / s).view(1, -1, 1, 1)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # picklable (e.g. sent to a worker process)
+
+    def num_batches(self, epoch: int = 0) -> int:
+        """Batches per epoch on this rank (the same every epoch)."""
+        full, rest = divmod(self.per_rank, self.batch_size)
+        return full + int(rest > 0 and not self.drop_last)
+
+    def indices(self, epoch: int) -> Tensor:
+        """This rank's split indices for `epoch`, int64 (per_rank,), in batch order."""
+        n = len(self.split)
+        g = _gen(self.seed, "order", epoch)  # the same on every rank, so that the shards are disjoint
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        total = self.per_rank * self.world_size
+        if total > n:  # pad by wrapping, as DistributedSampler does
+            order = order.repeat(math.ceil(total / n))[:total]
+        return order[self.rank : total : self.world_size]
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches `start_batch`, `start_batch + 1`, ... of `epoch`; identical to the tail of a full pass."""
+        nb = self.num_batches(epoch)
+        if not 0 <= start_batch <= nb:
+            raise ValueError(f"start_batch={start_batch} outside [0, {nb}]")
+        idx = self.indices(epoch)
+        for b in range(start_batch, nb):
+            sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            g = _gen(self.seed, "aug", epoch, b, self.rank, self.world_size) if self.augment else None
+            yield self._batch(sel, g), self.split.labels[sel]
+
+    def _batch(self, sel: Tensor, g: torch.Generator | None) -> Tensor:
+        # These ops touch ~1e5 elements: too few to gain from intra-op threads, and on a busy machine each
+        # OpenMP region can wait a whole scheduler slice (~8 ms) for a descheduled worker (measured 20x
+        # slower epochs). So run them on one thread and hand the caller back its thread count.
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._batch1(sel, g)
+        finally:
+            torch.set_num_threads(n_threads)
+
+    def _batch1(self, sel: Tensor, g: torch.Generator | None) -> Tensor:
+        if isinstance(self.split, TensorSplit):
+            x = self.split.images.index_select(0, sel)
+            if g is not None:
+                x = _crop_flip(x, g)
+        else:
+            x = self._folder_batch(sel, g)
+        x = x.float().mul_(self._scale).sub_(self._shift)
+        if g is not None and self.cutout > 0:
+            _cutout_(x, self.cutout, g)
+        return x
+
+    def _folder_batch(self, sel: Tensor, g: torch.Generator | None) -> Tensor:
+        split = self.split
+        assert isinstance(split, FolderSplit)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        ids = sel.tolist()
+        if g is None:
+            return torch.stack(list(self._pool.map(lambda i: split[i][0], ids)))
+        u = torch.rand(len(ids), 10, 4, generator=g)  # drawn here, in order, so threads can't reorder them
+        flip = torch.rand(len(ids), generator=g) < 0.5
+        x = torch.stack(list(self._pool.map(split.random_crop, ids, u)))
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def _crop_flip(x: Tensor, g: torch.Generator) -> Tensor:
+    """Random crop with zero padding (2 px for ≤28 px images, else max(4, H/8)) and horizontal flip
+    (p=0.5), per sample, as one gather over the padded uint8 batch (B, C, H, W)."""
+    B, C, H, W = x.shape
+    p = 2 if H <= 28 else max(4, H // 8)
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    oy = torch.randint(0, 2 * p + 1, (B, 1), generator=g)
+    ox = torch.randint(0, 2 * p + 1, (B, 1), generator=g)
+    flip = torch.rand(B, 1, generator=g) < 0.5
+    cols = torch.where(flip, ox + (W - 1 - torch.arange(W)), ox + torch.arange(W))  # flip = reversed columns
+    rows = oy + torch.arange(H)
+    flat = (rows[:, :, None] * (W + 2 * p) + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
+    return padded.view(B, C, -1).gather(2, flat).view(B, C, H, W)
+
+
+def _cutout_(x: Tensor, side: int, g: torch.Generator) -> None:
+    """Zero a `side`×`side` square at a random centre of each image, clipped at the borders (DARTS)."""
+    B, _, H, W = x.shape
+    cy = torch.randint(0, H, (B, 1), generator=g)
+    cx = torch.randint(0, W, (B, 1), generator=g)
+    r, c = torch.arange(H), torch.arange(W)
+    in_r = (r >= cy - side // 2) & (r < cy + side // 2)  # DARTS: [clip(cy - L/2), clip(cy + L/2))
+    in_c = (c >= cx - side // 2) & (c < cx + side // 2)
+    x.masked_fill_((in_r[:, :, None] & in_c[:, None, :]).unsqueeze(1), 0.0)

@@ -1,0 +1,214 @@
+"""CPU-fast depthwise convolutions with exactly the numerics of `nn.Conv2d(..., groups=C)`.
+
+PyTorch hands CPU convolutions to oneDNN, whose fast depthwise kernels only cover part of what the
+DARTS ops need (timings on a 2-core AVX-512 CPU, batch 64, `benchmarks/depthwise_speed.py`):
+
+* NCHW input: forward and input-grad run a fast depthwise kernel after reordering to a blocked
+  layout, but the weight grad of a 5×5 and the input and weight grads of any dilated conv fall back
+  to im2col + GEMM, 5-15× slower per FLOP than the 3×3 kernel.
+* channels_last input: no reorders, and the 5×5 weight grad uses a (dense, but vectorised) direct
+  kernel instead of GEMM; dilated convs are still slow there.
+* a dilation-2 conv is an undilated conv on the 2×2 polyphase components of its input (stride 1:
+  all four phases, batched into the batch dimension; stride 2: only the even/even phase), so it
+  gets the fast undilated kernels.  It is still a convolution with the same MACs, so MAC counters
+  that look at aten convolution ops see the same work.
+
+`DepthwiseConv2d` picks, per (kernel, dilation, stride), the variant measured fastest; every
+variant returns the output (and the input grad) in the memory format of the input, so callers see
+no layout change.  `reference_kernels()` switches every module back to the plain `F.conv2d`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Impl = Literal["plain", "cl", "poly", "poly_cl"]
+IMPLS: tuple[Impl, ...] = ("plain", "cl", "poly", "poly_cl")
+
+# a process-wide depth counter, not thread-local: MAC counting may trace a model on another thread,
+# and falling back costs only speed, never numerics
+_reference_depth = 0
+_reference_lock = threading.Lock()
+
+
+def reference_active() -> bool:
+    """True inside `reference_kernels()`."""
+    return _reference_depth > 0
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Within the block, every `DepthwiseConv2d` runs the plain `F.conv2d` of `nn.Conv2d`.
+
+    Used while counting MACs: counters that trace aten ops must see the textbook convolution (the
+    polyphase form pads odd sizes to even ones, so it would over-count 7×7 maps slightly).
+    """
+    global _reference_depth
+    with _reference_lock:
+        _reference_depth += 1
+    try:
+        yield
+    finally:
+        with _reference_lock:
+            _reference_depth -= 1
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _Relayout(torch.autograd.Function):
+    """`x.contiguous(memory_format=fmt)` whose backward restores the caller's layout for the grad.
+
+    A bare `.contiguous()` has an identity backward, so a channels_last grad would leak upstream
+    and slow every op there; this keeps the module layout-neutral in both directions.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        ctx.fmt_in = _format_of(x)
+        return x.contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.contiguous(memory_format=ctx.fmt_in), None
+
+
+def _relayout(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    if x.is_contiguous(memory_format=fmt):
+        return x
+    return _Relayout.apply(x, fmt)
+
+
+def _phase_slices(size: int) -> tuple[int, int]:
+    """Rows of the even and the odd phase of a `size`-long axis."""
+    return (size + 1) // 2, size // 2
+
+
+def _split_phases(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """(n, c, h, w) -> (4n, c, ⌈h/2⌉, ⌈w/2⌉): the 2×2 polyphase components stacked along the batch
+    (even/even, even/odd, odd/even, odd/odd), zero-padded where an odd size leaves a phase short."""
+    n, c, h, w = x.shape
+    hs, ws = _phase_slices(h), _phase_slices(w)
+    out = torch.empty((4 * n, c, hs[0], ws[0]), dtype=x.dtype, device=x.device, memory_format=fmt)
+    for i, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        dst = out[i * n : (i + 1) * n]
+        dst[:, :, : hs[a], : ws[b]].copy_(x[:, :, a::2, b::2])
+        dst[:, :, hs[a] :].zero_()  # no-ops for even sizes; for odd ones, 'same' padding reads zeros there
+        dst[:, :, :, ws[b] :].zero_()
+    return out
+
+
+def _merge_phases(y: torch.Tensor, h: int, w: int, fmt: torch.memory_format) -> torch.Tensor:
+    """Inverse of `_split_phases` for an output of size (h, w): interleave the four phases back."""
+    n = y.shape[0] // 4
+    hs, ws = _phase_slices(h), _phase_slices(w)
+    out = torch.empty((n, y.shape[1], h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
+    for i, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[:, :, a::2, b::2].copy_(y[i * n : (i + 1) * n, :, : hs[a], : ws[b]])
+    return out
+
+
+class _Phases(torch.autograd.Function):
+    """`_split_phases` with a one-copy backward (autograd's own would copy twice via reshapes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        ctx.shape, ctx.fmt_in = x.shape, _format_of(x)
+        return _split_phases(x, fmt)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _merge_phases(grad, ctx.shape[2], ctx.shape[3], ctx.fmt_in), None
+
+
+class _Unphases(torch.autograd.Function):
+    """`_merge_phases` whose backward hands the conv its grad in the conv's own layout."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, h: int, w: int, fmt: torch.memory_format) -> torch.Tensor:
+        ctx.fmt_in = _format_of(y)
+        return _merge_phases(y, h, w, fmt)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return _split_phases(grad, ctx.fmt_in), None, None, None
+
+
+class _EvenPhase(torch.autograd.Function):
+    """`x[:, :, ::2, ::2]` copied into layout `fmt`; the backward scatters into zeros of x's layout."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        ctx.shape, ctx.fmt_in = x.shape, _format_of(x)
+        return x[:, :, ::2, ::2].contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        gx = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.fmt_in).zero_()
+        gx[:, :, ::2, ::2].copy_(grad)
+        return gx, None
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise k×k conv, 'same' padding, no bias: an `nn.Conv2d` with a faster CPU forward.
+
+    Parameters, state dict, init and output are those of
+    `nn.Conv2d(C, C, k, stride, dilation * (k - 1) // 2, dilation, groups=C, bias=False)`.
+    `impl` forces one variant (benchmarks, tests); `None` dispatches on the measured table.
+    """
+
+    def __init__(self, C: int, k: int, stride: int = 1, dilation: int = 1, impl: Impl | None = None):
+        if k % 2 == 0:
+            raise ValueError(f"depthwise_conv needs an odd kernel size for 'same' padding, got {k}")
+        super().__init__(
+            C, C, k, stride=stride, padding=dilation * (k - 1) // 2, dilation=dilation, groups=C, bias=False
+        )
+        if impl is not None and impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+        if impl in ("poly", "poly_cl") and (dilation != 2 or stride not in (1, 2)):
+            raise ValueError(f"impl {impl!r} needs dilation 2 and stride 1 or 2")
+        self.impl: Impl | None = impl
+
+    def choose_impl(self, x: torch.Tensor) -> Impl:
+        """The variant `forward` runs for input `x` (ignores `reference_kernels()`)."""
+        if self.impl is not None:
+            return self.impl
+        key = (self.kernel_size[0], self.dilation[0], self.stride[0], _format_of(x) == torch.channels_last)
+        return _TABLE.get(key, "plain")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = "plain" if reference_active() or x.dim() != 4 else self.choose_impl(x)
+        if impl == "plain":
+            return self._conv_forward(x, self.weight, None)
+        fmt = _format_of(x)
+        if impl == "cl":
+            y = self._conv_forward(_relayout(x, torch.channels_last), self.weight, None)
+            return _relayout(y, fmt)
+        # polyphase: one phase of a dilation-2 conv is an undilated conv with the same weight
+        inner = torch.channels_last if impl == "poly_cl" else torch.contiguous_format
+        k = self.kernel_size[0]
+        if self.stride[0] == 2:
+            # output o reads input 2o + 2(j - c) = 2(o + j - c): only the even/even phase matters
+            y = F.conv2d(_EvenPhase.apply(x, inner), self.weight, None, 1, (k - 1) // 2, 1, self.groups)
+            return _relayout(y, fmt)
+        y = F.conv2d(_Phases.apply(x, inner), self.weight, None, 1, (k - 1) // 2, 1, self.groups)
+        return _Unphases.apply(y, x.shape[2], x.shape[3], fmt)
+
+
+# (kernel, dilation, stride, channels_last input) -> variant; filled from benchmarks/depthwise_speed.py measurements
+_TABLE: dict[tuple[int, int, int, bool], Impl] = {}
+
+
+def depthwise_conv(C: int, k: int, stride: int = 1, dilation: int = 1) -> nn.Module:
+    """A depthwise k×k conv with 'same' padding, weight shape (C, 1, k, k), no bias."""
+    return DepthwiseConv2d(C, k, stride=stride, dilation=dilation)

@@ -1,0 +1,139 @@
+"""Checks of everything outside the config model: data, GPU, S_min, output folder, resume.
+
+All run before Ray starts and before anything is created; each failure is one `InputError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dnad.config import DataConfig
+from dnad.errors import InputError
+from pipeline.config import RunConfig, initial_sparsity, sweep_points, trial_search_config
+
+
+@dataclass(frozen=True)
+class DataMeta:
+    in_channels: int
+    image_size: int
+    num_classes: int
+    train_size: int | None  # None: not counted (image folders)
+
+
+# keys that may change between a run and its resumption (they do not change any result)
+RESUMABLE_CHANGES = ("output", "ray.address", "ray.num_cpus", "ray.max_concurrent")
+
+
+def check_data(data: DataConfig, workers: int, batch_size: int, field: str) -> DataMeta:
+    """Load the data (image folders: only look for them) and check the batch fits on every worker."""
+    if data.dataset in ("imagefolder", "imagenet"):
+        root = Path(data.root) if data.root else None
+        if root is None or not (root / "train").is_dir():
+            raise InputError("data.root", data.root, "needs a folder with train/ and val/ class folders")
+        classes = data.num_classes or (
+            1000 if data.dataset == "imagenet" else len(list((root / "train").iterdir()))
+        )
+        return DataMeta(3, data.image_size or 224, classes, data.train_subset)
+    from dnad.data import load_dataset
+
+    b = load_dataset(data)
+    n = len(b.train)
+    if n // workers < batch_size:
+        raise InputError(field, batch_size, f"larger than the {n // workers} training images per worker")
+    return DataMeta(b.in_channels, b.image_size, b.num_classes, n)
+
+
+def check_sparsity(cfg: RunConfig) -> None:
+    """S_min must lie below the super-network's initial S, or the search stops before it shrinks."""
+    for point in sweep_points(cfg):
+        s = trial_search_config(cfg, point)
+        s0 = initial_sparsity(s)
+        if s.shrink.s_min >= s0:
+            field = "sweep.s_min" if "s_min" in point else "search.shrink.s_min"
+            per = s0 / s.supernet.cells
+            hint = f"must be below the super-network's initial S = {s0:.2f} ({s.supernet.cells} cells × {per:.2f})"
+            raise InputError(field, s.shrink.s_min, hint)
+
+
+def check_gpu(cfg: RunConfig) -> None:
+    if cfg.ray.use_gpu is True and cfg.ray.address is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(
+                "ray.use_gpu", True, "no CUDA GPU is visible here; use ray.use_gpu=auto or false"
+            )
+
+
+def _writable(path: Path, field: str) -> None:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(field, str(path), f"not writable ({probe} is not a writable folder)")
+
+
+def check_teacher(cfg: RunConfig) -> None:
+    d = cfg.search.distill
+    if not d.enabled:
+        return
+    t = d.teacher
+    if t.kind == "checkpoint":
+        if not t.checkpoint or not (Path(t.checkpoint) / "teacher.json").is_file():
+            raise InputError(
+                "search.distill.teacher.checkpoint", t.checkpoint, "expected a folder with teacher.json"
+            )
+    elif t.kind == "genotype" and (not t.genotype or not Path(t.genotype).is_file()):
+        raise InputError(
+            "search.distill.teacher.genotype", t.genotype, "give the path of a genotype JSON file"
+        )
+    else:
+        _writable(Path(cfg.teacher.cache_dir).expanduser(), "teacher.cache_dir")
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix[:-1], old, new)]
+
+
+def check_output(cfg: RunConfig, out: Path, fresh: bool) -> bool:
+    """Output folder usable? Returns True when it holds a run to resume."""
+    if out.exists() and not out.is_dir():
+        raise InputError("--output", str(out), "is a file, not a folder")
+    _writable(out, "--output")
+    saved = out / "config.yaml"
+    if out.is_dir() and any(out.iterdir()) and not saved.is_file():
+        raise InputError("--output", str(out), "not empty and not a dnad run folder; refusing to touch it")
+    if fresh or not saved.is_file():
+        return False
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError("--output", str(saved), f"unreadable saved config ({e}); use --fresh") from None
+    diffs = [d for d in _diff(old, cfg.model_dump(mode="json")) if d[0] not in RESUMABLE_CHANGES]
+    if diffs:
+        key, was, now = diffs[0]
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        hint = f"differs from the run saved in {out} (was {was!r}){more}; add --fresh to start over or use another --output"
+        raise InputError(key, now, hint)
+    return True
+
+
+def check_all(cfg: RunConfig, out: Path, fresh: bool) -> tuple[bool, DataMeta, DataMeta]:
+    """Every pre-flight check; returns (resuming, search data meta, retrain data meta)."""
+    check_sparsity(cfg)
+    check_gpu(cfg)
+    check_teacher(cfg)
+    resuming = check_output(cfg, out, fresh)
+    search_meta = check_data(cfg.data, cfg.ray.workers, cfg.search.batch_size, "search.batch_size")
+    retrain_meta = check_data(cfg.retrain_data_config(), 1, cfg.retrain.batch_size, "retrain.batch_size")
+    return resuming, search_meta, retrain_meta

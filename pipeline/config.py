@@ -1,0 +1,256 @@
+"""The run configuration: one frozen pydantic model composing the library's configs, plus profiles.
+
+A profile is a YAML file in `configs/` holding a partial `RunConfig`; `key=value` overrides with dotted
+keys are applied on top (values parsed as YAML). Any invalid input becomes a `dnad.errors.InputError`
+naming the field, the value and a hint, so the CLI can print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dnad.config import DataConfig, RetrainConfig, SearchConfig
+from dnad.errors import InputError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SWEEP_KEYS = {  # sweep list -> the SearchConfig field it overrides
+    "temperature": ("distill", "temperature"),
+    "gamma0": ("shrink", "gamma0"),
+    "phi": ("shrink", "phi"),
+    "t_max": ("shrink", "t_max"),
+    "s_min": ("shrink", "s_min"),
+    "sparsity": ("shrink", "sparsity"),
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SweepConfig(Strict):
+    """Grid over KD temperature and the shrink schedule; an empty list keeps the search's own value."""
+
+    temperature: list[float] = []
+    gamma0: list[float] = []
+    phi: list[float] = []
+    t_max: list[int] = []
+    s_min: list[float] = []
+    sparsity: list[Literal["uniform", "macs", "params"]] = []
+    num_samples: int = Field(1, ge=1, description="repeats of every grid point, each with its own seed")
+
+
+class RayConfig(Strict):
+    """Where and how wide the work runs."""
+
+    address: str | None = Field(None, description="join this cluster ('auto'); None = start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray size; None = every core")
+    workers: int = Field(1, ge=1, description="data-parallel workers of one search")
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: int | None = Field(None, ge=1, description="search worker CPUs; None = fill a node")
+    cpus_per_trial: int = Field(1, ge=1, description="CPUs of one retrain trial when there is no GPU")
+    max_concurrent: int | None = Field(None, ge=1, description="cap on concurrent trials")
+    storage: str | None = Field(None, description="Ray storage_path (local, NFS or s3://); None = OUTPUT/ray")
+    max_failures: int = Field(2, ge=0, description="retries of a failing trial or search")
+
+
+class TeacherRunConfig(Strict):
+    """Pipeline-side teacher settings (the teacher model itself is `search.distill.teacher`)."""
+
+    cache_dir: str = "~/.cache/dnad/teachers"
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(2000, ge=1, description="test images for the teacher's accuracy")
+
+
+class RetrainDataConfig(Strict):
+    """How retraining's data differs from the search's (test split always whole unless data says so)."""
+
+    train_subset: int | Literal["all", "same"] = Field("same", description="'same' = data.train_subset")
+
+
+class RunConfig(Strict):
+    """Everything one `pipeline/run.py` invocation does; saved as OUTPUT/config.yaml."""
+
+    name: str = Field("dnad", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output: str | None = None
+    data: DataConfig = DataConfig()
+    search: SearchConfig = SearchConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    retrain_data: RetrainDataConfig = RetrainDataConfig()
+    teacher: TeacherRunConfig = TeacherRunConfig()
+    sweep: SweepConfig = SweepConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inject_seed(cls, d: Any) -> Any:
+        """The top-level seed seeds data, search and retrain unless they set their own."""
+        if isinstance(d, dict) and "seed" in d:
+            d = dict(d)
+            for k in ("data", "search", "retrain"):
+                sub = d.get(k) or {}
+                if isinstance(sub, dict) and "seed" not in sub:
+                    d[k] = {**sub, "seed": d["seed"]}
+        return d
+
+    def retrain_data_config(self) -> DataConfig:
+        sub = self.retrain_data.train_subset
+        if sub == "same":
+            return self.data
+        return self.data.model_copy(update={"train_subset": None if sub == "all" else sub})
+
+
+def sweep_points(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Every trial of the sweep: {'trial_id', 'seed', and the swept values} (grid × num_samples)."""
+    keys = [k for k in SWEEP_KEYS if getattr(cfg.sweep, k)]
+    grid = list(itertools.product(*(getattr(cfg.sweep, k) for k in keys))) or [()]
+    points = []
+    for rep in range(cfg.sweep.num_samples):
+        for values in grid:
+            point = dict(zip(keys, values))
+            point |= {"trial_id": f"t{len(points):02d}", "seed": cfg.search.seed + rep}
+            points.append(point)
+    return points
+
+
+def trial_search_config(cfg: RunConfig, point: dict[str, Any]) -> SearchConfig:
+    """The SearchConfig of one sweep point (validated: a bad swept value names `sweep.<key>`)."""
+    d = cfg.search.model_dump()
+    d["seed"] = point.get("seed", cfg.search.seed)
+    for key, (section, field) in SWEEP_KEYS.items():
+        if key in point:
+            d[section][field] = point[key]
+    try:
+        return SearchConfig.model_validate(d)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = next((k for k, (s, f) in SWEEP_KEYS.items() if tuple(err["loc"][:2]) == (s, f)), None)
+        where = f"sweep.{key}" if key else "search." + ".".join(map(str, err["loc"]))
+        raise InputError(where, err.get("input"), err["msg"]) from None
+
+
+def initial_sparsity(cfg: SearchConfig) -> float:
+    """S of a fresh super-network: every node j mixes j·|O| pairs at w = 1/(j·|O|) (72.03 per cell
+    for the 3-op reference set and 4 nodes)."""
+    from dnad.ops import resolve_op_set
+
+    n_ops = len(resolve_op_set(cfg.supernet.ops))
+    per_cell = sum(j * n_ops * math.log1p(50.0 / (j * n_ops)) for j in range(2, cfg.supernet.nodes + 2))
+    return cfg.supernet.cells * per_cell
+
+
+# -- profiles and overrides ------------------------------------------------------------------------
+def profiles() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path, field: str) -> dict[str, Any]:
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise InputError(field, str(path), f"cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise InputError(field, str(path), f"not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise InputError(field, str(path), "the file must hold a mapping of config keys")
+    return d
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    if name not in profiles():
+        raise InputError("--profile", name, f"unknown profile; choose one of {', '.join(profiles())}")
+    return read_yaml(CONFIG_DIR / f"{name}.yaml", "--profile")
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b.c=value` pairs (value parsed as YAML) set into a copy of the nested dict `d`."""
+    d = copy.deepcopy(d)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise InputError("override", item, "expected key=value with a dotted key, e.g. search.epochs=3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = d
+        parts = key.split(".")
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.setdefault(p, {})
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise InputError(
+                    ".".join(parts[: i + 1]), nxt, f"is a value, so it has no key {parts[i + 1]!r}"
+                )
+            node = nxt
+        node[parts[-1]] = value
+    return d
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: Any = RunConfig
+    for p in loc[:-1]:
+        field = model.model_fields.get(str(p)) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return sorted(model.model_fields)
+    return []
+
+
+def validate(d: dict[str, Any]) -> RunConfig:
+    """dict -> RunConfig; the first validation error becomes an InputError."""
+    try:
+        return RunConfig.model_validate(d)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+        where = ".".join(map(str, loc)) or "config"
+        value = err.get("input")
+        hint = err["msg"]
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(loc)
+            hint = "unknown key" + (f"; known keys here: {', '.join(known)}" if known else "")
+        if isinstance(value, dict):
+            value = "{...}"
+        raise InputError(where, value, hint) from None
+
+
+def _resolve_paths(d: dict[str, Any]) -> dict[str, Any]:
+    """A relative teacher genotype path that is not found from here is read from the repo root."""
+    t = d.get("search", {}).get("distill", {}).get("teacher", {})
+    g = t.get("genotype") if isinstance(t, dict) else None
+    if isinstance(g, str) and not Path(g).is_absolute() and not Path(g).exists():
+        if (CONFIG_DIR.parent / g).exists():
+            t["genotype"] = str(CONFIG_DIR.parent / g)
+    return d
+
+
+def build_config(
+    profile: str | None, config_path: str | None, overrides: list[str], smoke: bool = False
+) -> RunConfig:
+    """Profile (or YAML file) [shrunk for --smoke-test] + overrides -> validated RunConfig."""
+    if config_path is not None:
+        base = read_yaml(Path(config_path), "--config")
+    else:
+        base = load_profile(profile or "quick")
+    if smoke:
+        from pipeline.smoke import smoke_dict
+
+        base = smoke_dict(validate(_resolve_paths(base)))
+    cfg = validate(_resolve_paths(apply_overrides(base, overrides)))
+    for point in sweep_points(cfg):
+        trial_search_config(cfg, point)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """Plain YAML of the resolved config (tuples become lists; nothing is pickled)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

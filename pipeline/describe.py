@@ -1,0 +1,65 @@
+"""What the console shows around the stages: the run header and the final tables/report."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.config import initial_sparsity, sweep_points
+from pipeline.context import RunContext
+from pipeline.progress import read_jsonl
+from pipeline.results import architectures_table, metrics_table, summary_table, write_results
+
+
+def dense_cost(ctx: RunContext) -> tuple[int, int]:
+    """(MACs, params) of the search super-network with every pair alive (analytic, search width)."""
+    from dnad.complexity import genotype_cost
+    from dnad.genotype import Genotype, reduction_indices
+    from dnad.ops import resolve_op_set
+
+    s, m = ctx.cfg.search.supernet, ctx.data_meta
+    assert m is not None
+    ops = resolve_op_set(s.ops)
+    cell = tuple(tuple((i, o) for i in range(k + 2) for o in ops) for k in range(s.nodes))
+    g = Genotype(cells=(cell,) * s.cells, reductions=reduction_indices(s.cells))
+    return genotype_cost(g, s.C, m.num_classes, m.in_channels, m.image_size, s.stem, affine=False)
+
+
+def describe_run(ctx: RunContext, resuming: bool) -> str:
+    cfg, res, m = ctx.cfg, ctx.resources, ctx.data_meta
+    assert res is not None and m is not None
+    s, r = cfg.search, cfg.retrain
+    macs, params = dense_cost(ctx)
+    s0 = initial_sparsity(s)
+    kd = (
+        f"KD on (teacher {s.distill.teacher.kind}:{s.distill.teacher.arch})"
+        if s.distill.enabled
+        else "KD off"
+    )
+    n = len(sweep_points(cfg))
+    where = f"{cfg.ray.workers} worker(s) × {'1 GPU' if res.use_gpu else f'{res.search_worker(cfg)} CPU'}"
+    return "\n".join([
+        f"dnad: {'resuming' if resuming else 'new run'} in {ctx.out}",
+        f"  data     {cfg.data.dataset}: {ctx.train_size or '?'} train images, {m.in_channels}x{m.image_size}x{m.image_size}, "
+        f"{m.num_classes} classes",
+        f"  ray      {res.cpus} CPUs, {res.gpus} GPUs ({'GPU' if res.use_gpu else 'CPU'} training)",
+        f"  search   C={s.supernet.C} × {s.supernet.cells} cells, S0={s0:.2f}, dense {params:,} params, "
+        f"{macs / 1e6:.2f} MMACs; {s.epochs} epochs, {kd}; {n} sweep point(s), {where} each",
+        f"  retrain  C={r.C}, {r.epochs} epochs, batch {r.batch_size}, lr {r.lr}",
+    ])  # fmt: skip
+
+
+def write_all(ctx: RunContext, archs: pd.DataFrame, retrained: pd.DataFrame) -> str:
+    """Write architectures.csv/.parquet and search_metrics.parquet, run the report; the summary table."""
+    table = architectures_table(archs, retrained)
+    rows = [row for f in sorted((ctx.out / "search").glob("*/metrics.jsonl")) for row in read_jsonl(f)]
+    write_results(ctx.out, table, metrics_table(rows))
+    try:
+        from pipeline import report
+    except ImportError:
+        report = None
+    if report is not None and hasattr(report, "write_report"):
+        try:
+            report.write_report(ctx.out)
+        except Exception as e:  # the results are written; a broken report must not fail the run
+            print(f"[report] failed: {type(e).__name__}: {e}")
+    return summary_table(table)

@@ -1,0 +1,133 @@
+"""A one-line progress display with an ETA, fed by the JSON-lines metric files the workers append.
+
+The driver never talks to the workers for this: a background thread tails `*.jsonl` files under a
+folder, so the display works the same for one search, a Tune sweep or many retrain trials.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+Row = dict[str, Any]
+
+
+def fmt_duration(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Tails `folder/**/*.jsonl`; `units(row) -> (key, done)` says how much of the work a row shows."""
+
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        folder: Path,
+        units: Callable[[Row], tuple[str, int]],
+        describe: Callable[[Row], str] = lambda r: "",
+        stream: TextIO | None = None,
+        interval: float = 1.0,
+    ):
+        self.stage, self.total, self.folder = stage, max(total, 1), Path(folder)
+        self.units, self.describe = units, describe
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.interval = interval
+        self.offsets: dict[Path, int] = {}
+        self.done: dict[str, int] = {}
+        self.start_done: int | None = None
+        self.last: Row | None = None
+        self.t0 = time.monotonic()
+        self.last_print = 0.0
+        self._printed_row: Row | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self.stream.write(f"[{self.stage}] started\n")
+        self.stream.flush()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self._print(force=True)
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.write(f"[{self.stage}] finished in {fmt_duration(time.monotonic() - self.t0)}\n")
+        self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+                self._print()
+            except Exception:  # never let the display kill the run
+                pass
+
+    def poll(self) -> None:
+        for f in sorted(self.folder.rglob("*.jsonl")) if self.folder.is_dir() else []:
+            pos = self.offsets.get(f, 0)
+            with open(f, "rb") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+            end = chunk.rfind(b"\n") + 1  # only whole lines; a partial one is read next time
+            self.offsets[f] = pos + end
+            for line in chunk[:end].splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                key, n = self.units(row)
+                self.done[key] = max(self.done.get(key, 0), n)
+                self.last = row
+        if self.start_done is None:
+            self.start_done = sum(self.done.values())  # work restored from an earlier run: not in the rate
+
+    def line(self) -> str:
+        done = min(sum(self.done.values()), self.total)
+        elapsed = time.monotonic() - self.t0
+        new = done - (self.start_done or 0)
+        eta = "?" if new <= 0 else fmt_duration((self.total - done) * elapsed / new)
+        extra = self.describe(self.last) if self.last else ""
+        pct = 100.0 * done / self.total
+        return f"[{self.stage}] {done}/{self.total} ({pct:4.1f}%) {fmt_duration(elapsed)} elapsed, ETA {eta}  {extra}"
+
+    def _print(self, force: bool = False) -> None:
+        now, line = time.monotonic(), self.line()
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        elif (force and self.last is not self._printed_row) or now - self.last_print >= 30.0:
+            self.stream.write(line + "\n")  # not a terminal (a log file): a line every 30 s
+        else:
+            return
+        self.last_print, self._printed_row = now, self.last
+        self.stream.flush()
+
+
+def append_jsonl(path: Path, row: Row) -> None:
+    """Append one JSON line (one write call, so concurrent readers see whole lines or nothing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+
+
+def read_jsonl(path: Path) -> list[Row]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash
+    return rows

@@ -1,0 +1,123 @@
+"""Stage e: every collected architecture retrained from scratch as its own Tune trial.
+
+A trial holds one GPU when the cluster has GPUs, else `ray.cpus_per_trial` CPUs (and as many torch
+threads). It checkpoints every epoch through `ray.tune.report`, so a retried or restored trial resumes
+from its last epoch (`ray.tune.get_checkpoint()`); `FailureConfig(max_failures)` retries it, and a
+trial that still fails is recorded as status "failed" with its error while the run goes on.
+The reported accuracy is the final epoch's top-1 on the test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+from pipeline.context import RunContext, thread_count
+from pipeline.progress import Progress
+from pipeline.sweep import one_line
+
+RESULT_COLUMNS = ("arch_id", "retrain_epochs", "test_acc", "test_error", "wall_s", "status", "error")
+
+
+def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
+    """Tune function trainable: retrain one genotype."""
+    from ray import tune
+
+    from dnad.data import load_dataset
+    from dnad.genotype import Genotype
+    from dnad.network import build_model
+    from dnad.retrain import RetrainLoop
+    from pipeline.progress import append_jsonl
+    from pipeline.raytools import read_checkpoint, report, worker_setup
+
+    cfg, res = ctx.cfg, ctx.resources
+    assert res is not None
+    arch_id = config["arch_id"]
+    device = worker_setup(thread_count(res.retrain_trial(cfg)["cpu"]), res.use_gpu)
+    dcfg = cfg.retrain_data_config()
+    data = load_dataset(dcfg)
+    g = Genotype.from_json(config["genotype"])
+    rc = cfg.retrain
+    model = build_model(
+        g, rc.C, data.num_classes, data.in_channels, data.image_size, auxiliary=rc.auxiliary_weight > 0
+    )
+    history = ctx.out / "retrain" / f"{arch_id}.jsonl"
+    loop = RetrainLoop(rc, model, data, device, lambda r: append_jsonl(history, {"arch_id": arch_id, **r}),
+                       augment=dcfg.augment, cutout=dcfg.cutout)  # fmt: skip
+    state = read_checkpoint(tune.get_checkpoint())
+    if state is not None:
+        loop.load_state_dict(state)
+
+    def on_epoch_end(lp: RetrainLoop) -> None:
+        last = lp.history[-1]
+        metrics = {
+            "arch_id": arch_id, "retrain_epochs": lp.epoch, "test_acc": last["test_acc"],
+            "wall_s": sum(h["epoch_s"] for h in lp.history), "done": lp.done,
+        }  # fmt: skip
+        report(metrics, lp.state_dict(), f"checkpoint_{lp.epoch:06d}", tune=True)
+
+    loop.run(on_epoch_end)
+
+
+def retrain_entry(config: dict[str, Any], ctx: RunContext, fn: Callable[..., None]) -> None:
+    """The Tune trainable: `fn` (normally `retrain_trial`) on the trial's architecture."""
+    fn(config["arch"], ctx)
+
+
+def _row(arch_id: str, result: Any) -> dict[str, Any]:
+    m = result.metrics or {}
+    failed = result.error is not None or not m.get("done", False)
+    acc = m.get("test_acc", float("nan"))
+    return {
+        "arch_id": arch_id, "retrain_epochs": int(m.get("retrain_epochs", 0)), "test_acc": acc,
+        "test_error": 1.0 - acc, "wall_s": float(m.get("wall_s", 0.0)),
+        "status": "failed" if failed else "ok",
+        "error": one_line(result.error) if result.error is not None else ("" if not failed else "did not finish"),
+    }  # fmt: skip
+
+
+def run_retrain(
+    ctx: RunContext, archs: pd.DataFrame, trial: Callable[..., None] = retrain_trial
+) -> pd.DataFrame:
+    """Retrain every architecture; one row per arch_id with RESULT_COLUMNS (also `retrained.parquet`)."""
+    from ray import tune
+
+    from pipeline.raytools import fit_tuner
+
+    path = ctx.out / "retrained.parquet"
+    if ctx.stage_done("retrain") and path.is_file():
+        print("[retrain] already finished")
+        return pd.read_parquet(path)
+    if archs.empty:
+        return pd.DataFrame(columns=list(RESULT_COLUMNS))
+    res = ctx.resources
+    assert res is not None
+    per_trial = res.retrain_trial(ctx.cfg)
+    slots = res.gpus if res.use_gpu else res.cpus // per_trial["cpu"]
+    space = {
+        "arch": tune.grid_search(
+            [{"arch_id": a, "genotype": g} for a, g in zip(archs["arch_id"], archs["genotype"])]
+        )
+    }
+    trainable = tune.with_resources(tune.with_parameters(retrain_entry, ctx=ctx, fn=trial), per_trial)
+    epochs = ctx.cfg.retrain.epochs
+    units = lambda r: (r["arch_id"], int(r["epoch"]))  # noqa: E731
+    describe = lambda r: f"{r['arch_id']} epoch {r['epoch']} test acc {100 * r['test_acc']:.2f}%"  # noqa: E731
+    with Progress("retrain", epochs * len(archs), ctx.out / "retrain", units, describe):
+        grid = fit_tuner(
+            trainable, space, name=ctx.ray_name("retrain"), storage=ctx.storage,
+            max_concurrent=max(1, min(int(slots), ctx.cfg.ray.max_concurrent or 10**6)),
+            max_failures=ctx.cfg.ray.max_failures,
+        )  # fmt: skip
+    rows = {}
+    for r in grid:
+        arch_id = r.config["arch"]["arch_id"]
+        rows[arch_id] = _row(arch_id, r)
+    out = pd.DataFrame([rows[a] for a in archs["arch_id"]], columns=list(RESULT_COLUMNS))
+    out.to_parquet(path, index=False)
+    ctx.mark_done(
+        "retrain", {"ok": int((out["status"] == "ok").sum()), "failed": int((out["status"] != "ok").sum())}
+    )
+    return out

@@ -1,0 +1,98 @@
+"""Stage b: one DNAD search as a Ray TorchTrainer running dnad's SearchLoop on every worker.
+
+Each worker loads its own copy of the data and takes its shard through `rank`/`world_size`;
+SearchLoop wraps itself in DDP when the process group (gloo on CPU, NCCL on GPU) has > 1 member.
+Rank 0 appends a metrics row every `log_every` steps to `search/<trial>/metrics.jsonl` and saves the
+SearchLoop state as the epoch's checkpoint; a rerun with the same Ray run name resumes from it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import trial_search_config
+from pipeline.context import RunContext, thread_count
+
+METRIC_KEYS = ("step", "epoch", "loss", "ce", "kd", "S", "gamma", "mu", "alive_pairs", "est_macs", "train_acc",
+               "img_per_s", "emitted")  # fmt: skip
+
+
+def search_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop (runs on every worker of the search's worker group)."""
+    import ray.train
+
+    from dnad.config import DataConfig, SearchConfig
+    from dnad.data import load_dataset
+    from dnad.distill import load_teacher
+    from dnad.search import SearchLoop
+    from pipeline.progress import append_jsonl
+    from pipeline.raytools import read_checkpoint, report, worker_setup
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = worker_setup(config["threads"], config["use_gpu"])
+    dcfg = DataConfig.model_validate(config["data"])
+    scfg = SearchConfig.model_validate(config["search"])
+    data = load_dataset(dcfg)
+    teacher = None
+    if scfg.distill.enabled and config["teacher_path"]:
+        if not Path(config["teacher_path"]).is_dir():
+            raise FileNotFoundError(
+                f"teacher {config['teacher_path']} is not on this node; put teacher.cache_dir on shared storage"
+            )
+        teacher = load_teacher(config["teacher_path"])
+    metrics_path, trial_id = Path(config["metrics_path"]), config["trial_id"]
+
+    def log(m: dict[str, Any]) -> None:
+        if rank == 0:
+            append_jsonl(metrics_path, {"trial_id": trial_id, **{k: m[k] for k in METRIC_KEYS}})
+
+    loop = SearchLoop(scfg, data, teacher, device, log, rank=rank, world_size=world, augment=dcfg.augment)
+    state = read_checkpoint(ray.train.get_checkpoint())
+    if state is not None:
+        loop.load_state_dict(state)
+
+    def on_epoch_end(lp: SearchLoop) -> None:
+        metrics = {"epoch": lp.epoch, "step": lp.step, "emissions": len(lp.emissions), "done": lp.done}
+        report(metrics, lp.state_dict() if rank == 0 else None, f"checkpoint_{lp.epoch:06d}")
+
+    loop.run(on_epoch_end)
+
+
+def total_steps(ctx: RunContext, epochs: int) -> int:
+    """Upper bound on the steps of one search (it may stop early once S < S_min)."""
+    n = ctx.train_size or 0
+    per_rank = math.ceil(n / ctx.cfg.ray.workers)
+    steps = per_rank // ctx.cfg.search.batch_size
+    cap = ctx.cfg.search.max_steps_per_epoch
+    return epochs * (min(steps, cap) if cap else steps)
+
+
+def run_search(ctx: RunContext, point: dict[str, Any], teacher_path: str | None) -> list[dict[str, Any]]:
+    """Run (or resume) the search of one sweep point; returns its emissions as plain dicts."""
+    from pipeline.raytools import read_checkpoint, torch_trainer
+
+    cfg, res = ctx.cfg, ctx.resources
+    assert res is not None
+    tid = point["trial_id"]
+    cpus = res.search_worker(cfg)
+    config = {
+        "data": cfg.data.model_dump(mode="json"),
+        "search": trial_search_config(cfg, point).model_dump(mode="json"),
+        "teacher_path": teacher_path,
+        "metrics_path": str(ctx.out / "search" / tid / "metrics.jsonl"),
+        "trial_id": tid,
+        "threads": thread_count(cpus),
+        "use_gpu": res.use_gpu,
+    }
+    trainer = torch_trainer(
+        search_worker, config, name=ctx.ray_name("search", tid), storage=ctx.storage, workers=cfg.ray.workers,
+        use_gpu=res.use_gpu, cpus_per_worker=cpus, max_failures=cfg.ray.max_failures,
+    )  # fmt: skip
+    result = trainer.fit()
+    state = read_checkpoint(result.checkpoint)
+    if state is None or not state["done"]:
+        raise RuntimeError(f"search {tid} ended without a finished checkpoint")
+    return list(state["emissions"])
