@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dnad.fastops import preferred_format
 from dnad.supernet import SuperNet
 
 PRESETS = {
@@ -75,6 +76,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true", help="print a per-op profile of one dense step")
+    ap.add_argument(
+        "--layout", choices=("auto", "nchw", "channels_last"), default="auto",
+        help="activation layout (auto = what dnad's training loops use on this device)",
+    )  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -84,7 +89,10 @@ def main() -> None:
         C=p["C"], num_cells=p["cells"], num_classes=p["classes"], in_channels=p["channels"], image_size=p["size"],
         ops=p["ops"],
     ).to(dev)  # fmt: skip
-    x = torch.randn(p["batch"], p["channels"], p["size"], p["size"], device=dev)
+    fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}.get(a.layout)
+    fmt = fmt or preferred_format(dev)
+    net = net.to(memory_format=fmt)
+    x = torch.randn(p["batch"], p["channels"], p["size"], p["size"], device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, p["classes"], (p["batch"],), device=dev)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -99,6 +107,7 @@ def main() -> None:
     half = step_time(net, x, y, a.steps, a.warmup)
     out = {
         "preset": a.preset, "device": str(dev), "threads": a.threads, "batch": p["batch"],
+        "layout": "channels_last" if fmt == torch.channels_last else "nchw",
         "img_per_s_dense": round(p["batch"] / dense, 2), "img_per_s_half": round(p["batch"] / half, 2),
         "step_s_dense": round(dense, 4), "step_s_half": round(half, 4), "pairs_deleted": deleted,
         "pairs_total": int(net.alpha.numel()), "peak_rss_mb": round(max(rss_dense, peak_rss_mb()), 1),

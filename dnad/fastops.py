@@ -183,7 +183,9 @@ class DepthwiseConv2d(nn.Conv2d):
         """The variant `forward` runs for input `x` (ignores `reference_kernels()`)."""
         if self.impl is not None:
             return self.impl
-        key = (self.kernel_size[0], self.dilation[0], self.stride[0], _format_of(x) == torch.channels_last)
+        key = (self.kernel_size[0], self.dilation[0], self.stride[0])
+        if key == (3, 1, 1) and x.dim() == 4 and x.shape[-1] < 24:
+            return "plain"  # oneDNN's NCHW 3×3 kernel wins on small maps
         return _TABLE.get(key, "plain")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,10 +207,38 @@ class DepthwiseConv2d(nn.Conv2d):
         return _Unphases.apply(y, x.shape[2], x.shape[3], fmt)
 
 
-# (kernel, dilation, stride, channels_last input) -> variant; filled from benchmarks/depthwise_speed.py measurements
-_TABLE: dict[tuple[int, int, int, bool], Impl] = {}
+# (kernel, dilation, stride) -> variant, from `benchmarks/depthwise_speed.py --all-impls` (2-core AMD EPYC,
+# 2 threads, batch 64, ms forward+backward at C=16 32×32 / C=32 16×16 / C=64 8×8):
+#   3×3 s1:     plain 6.3 / 1.15 / 0.85   cl 3.3 / 1.24 / 1.05       -> cl on maps ≥ 24, else plain
+#   5×5 s1:     plain 21.5 / 4.8 / 3.6    cl 7.6 / 3.5 / 1.9         -> cl
+#   5×5 s2:     plain 4.1 / 2.6 / 2.2     cl 3.2 / 2.1 / 1.3         -> cl
+#   3×3 d2 s1:  plain 16.2 / 5.4 / 4.0    poly_cl 4.4 / 2.4 / 1.8    -> poly_cl
+#   5×5 d2 s1:  plain 37.3 / 11.0 / 7.0   poly_cl 9.0 / 4.5 / 3.0    -> poly_cl
+#   3×3 d2 s2:  plain 3.6 / 2.7 / 2.9     poly_cl 1.3 / 1.0 / 0.7    -> poly_cl
+#   5×5 d2 s2:  plain 7.1 / 4.2 / 3.8     poly_cl 2.1 / 1.5 / 1.1    -> poly_cl
+_TABLE: dict[tuple[int, int, int], Impl] = {
+    (3, 1, 1): "cl",
+    (5, 1, 1): "cl",
+    (5, 1, 2): "cl",
+    (3, 2, 1): "poly_cl",
+    (5, 2, 1): "poly_cl",
+    (3, 2, 2): "poly_cl",
+    (5, 2, 2): "poly_cl",
+}
 
 
 def depthwise_conv(C: int, k: int, stride: int = 1, dilation: int = 1) -> nn.Module:
     """A depthwise k×k conv with 'same' padding, weight shape (C, 1, k, k), no bias."""
     return DepthwiseConv2d(C, k, stride=stride, dilation=dilation)
+
+
+def preferred_format(device: torch.device | str) -> torch.memory_format:
+    """The activation layout training runs in on `device`: channels_last on the CPU (every depthwise
+    and 1×1 conv of the DARTS ops is faster there, and the fast variants above need no relayout;
+    `benchmarks/supernet_speed.py --layout` measures it), PyTorch's default elsewhere."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
+def to_layout(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """A 4-D batch in layout `fmt` (other tensors unchanged)."""
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x

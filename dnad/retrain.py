@@ -18,6 +18,7 @@ from torch import nn
 
 from dnad.config import RetrainConfig
 from dnad.data import BatchIterator, DatasetBundle
+from dnad.fastops import preferred_format, to_layout
 from dnad.guard import NonFiniteGuard, all_finite, rng_state, set_rng_state
 from dnad.network import Network, auto_drop_path
 
@@ -40,7 +41,7 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> 
     model.eval()
     correct, total, loss = 0, 0, 0.0
     for x, y in batches.iterate(0):
-        x, y = x.to(device), y.to(device)
+        x, y = to_layout(x.to(device), preferred_format(device)), y.to(device)
         logits = model(x)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -65,7 +66,8 @@ class RetrainLoop:
     ):
         self.cfg, self.model, self.data, self.callback = cfg, model, data, callback
         self.device = torch.device(device)
-        self.model.to(self.device)
+        self.fmt = preferred_format(self.device)
+        self.model.to(self.device, memory_format=self.fmt)
         self.opt = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -107,7 +109,10 @@ class RetrainLoop:
                 break
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(cfg, self.epoch, b / n)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = (
+                to_layout(x.to(self.device, non_blocking=True), self.fmt),
+                y.to(self.device, non_blocking=True),
+            )
             if isinstance(model, Network):
                 logits, aux = model.forward_train(x)
             else:

@@ -22,6 +22,7 @@ from dnad.complexity import genotype_cost, relative_cost_weights
 from dnad.config import SearchConfig
 from dnad.data import BatchIterator, DatasetBundle
 from dnad.distill import Distiller, FrozenTeacher
+from dnad.fastops import preferred_format, to_layout
 from dnad.guard import NonFiniteGuard, all_finite, rng_state, set_rng_state
 from dnad.shrink import ShrinkController
 from dnad.supernet import SuperNet
@@ -113,15 +114,16 @@ class SearchLoop:
         self.cfg, self.data, self.device, self.callback = cfg, data, torch.device(device), callback
         self.rank, self.world_size = rank, world_size
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        self.net = build_supernet(cfg, data).to(self.device)
+        self.fmt = preferred_format(self.device)
+        self.net = build_supernet(cfg, data).to(self.device, memory_format=self.fmt)
         self.teacher = None
         distiller = None
         if cfg.distill.enabled and teacher is not None:
-            self.teacher = FrozenTeacher(teacher).to(self.device)
+            self.teacher = FrozenTeacher(teacher).to(self.device, memory_format=self.fmt)
             in_shape = (data.in_channels, data.image_size, data.image_size)
             t_ch = self.teacher.probe_channels(in_shape)
             s_ch = [self.net.plans[t].C_out for t in self.net.taps]
-            distiller = Distiller(s_ch, t_ch, cfg.distill).to(self.device)
+            distiller = Distiller(s_ch, t_ch, cfg.distill).to(self.device, memory_format=self.fmt)
         self.module = SearchModule(self.net, distiller, cfg.distill.knowledge_rate)
         self.ddp: nn.Module = self.module
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -153,7 +155,7 @@ class SearchLoop:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         """backward, clip, weight step, α step, zero grads, delete + controller update."""
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = to_layout(x.to(self.device, non_blocking=True), self.fmt), y.to(self.device, non_blocking=True)
         shrinking = self._shrinking()
         teacher_out = self.teacher.forward_features(x) if self.module.distiller is not None else None
         self.ddp.train()

@@ -7,7 +7,7 @@ import pandas as pd
 from pipeline.config import initial_sparsity, sweep_points
 from pipeline.context import RunContext
 from pipeline.progress import read_jsonl
-from pipeline.results import architectures_table, metrics_table, summary_table, write_results
+from dnad.results import architectures_table, metrics_table, summary_table, write_results
 
 
 def dense_cost(ctx: RunContext) -> tuple[int, int]:

@@ -1,0 +1,268 @@
+"""The results of a run as tables: pure functions (DataFrame in, DataFrame out) plus `load_run`.
+
+Schema: `docs/DESIGN.md` ("Result schema"). Errors and accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ARCH_SCHEMA: dict[str, str] = {
+    "arch_id": "string", "trial_id": "string", "temperature": "float64", "gamma0": "float64",
+    "phi": "float64", "t_max": "int64", "s_min": "float64", "sparsity": "string",
+    "emission_index": "int64", "step": "int64", "epoch": "int64", "S": "float64", "alive_pairs": "int64",
+    "params": "int64", "macs": "int64", "retrain_epochs": "int64", "test_error": "float64",
+    "test_acc": "float64", "wall_s": "float64", "status": "string", "error": "string",
+    "is_pareto_macs": "bool", "is_pareto_params": "bool", "ptflops_version": "string",
+    "ptflops_backend": "string",
+}  # fmt: skip
+EXTRA_COLUMNS: dict[str, str] = {"sources": "string"}  # every trial#emission that produced the arch
+METRICS_SCHEMA: dict[str, str] = {
+    "trial_id": "string", "step": "int64", "epoch": "int64", "loss": "float64", "ce": "float64",
+    "kd": "float64", "S": "float64", "gamma": "float64", "mu": "float64", "alive_pairs": "int64",
+    "est_macs": "int64", "train_acc": "float64", "img_per_s": "float64", "emitted": "bool",
+}  # fmt: skip
+
+
+@dataclass
+class RunResults:
+    architectures: pd.DataFrame
+    search_metrics: pd.DataFrame
+    config: dict[str, Any]
+
+
+def pareto_mask(error: np.ndarray | pd.Series, cost: np.ndarray | pd.Series) -> np.ndarray:
+    """True where no other point has error ≤ and cost ≤ with one strictly <. NaN rows are never on it."""
+    e, c = np.asarray(error, dtype=float), np.asarray(cost, dtype=float)
+    ok = ~(np.isnan(e) | np.isnan(c))
+    mask = np.zeros(len(e), dtype=bool)
+    for i in np.flatnonzero(ok):
+        le = (e[ok] <= e[i]) & (c[ok] <= c[i])
+        lt = (e[ok] < e[i]) | (c[ok] < c[i])
+        mask[i] = not bool((le & lt).any())
+    return mask
+
+
+def with_pareto(archs: pd.DataFrame) -> pd.DataFrame:
+    """Adds `is_pareto_macs` / `is_pareto_params` over (test_error, MACs/params) of the ok rows."""
+    err = archs["test_error"].where(archs["status"] == "ok")
+    return archs.assign(
+        is_pareto_macs=pareto_mask(err, archs["macs"]), is_pareto_params=pareto_mask(err, archs["params"])
+    )
+
+
+def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
+    """Schema columns first, in order and with their dtypes; other columns kept after them."""
+    df = df.copy()
+    for col, dtype in schema.items():
+        if col not in df:
+            df[col] = pd.Series([pd.NA] * len(df), dtype=dtype if dtype != "bool" else "boolean")
+        df[col] = df[col].astype(dtype)
+    return df[list(schema) + [c for c in df.columns if c not in schema]]
+
+
+def architectures_table(collected: pd.DataFrame, retrained: pd.DataFrame) -> pd.DataFrame:
+    """Collected architectures joined with their retrain results, Pareto flags added."""
+    merged = collected.merge(retrained, on="arch_id", how="left")
+    missing = merged["status"].isna()
+    merged.loc[missing, ["status", "error"]] = ["failed", "not retrained"]
+    merged["retrain_epochs"] = merged["retrain_epochs"].fillna(0)
+    merged["wall_s"] = merged["wall_s"].fillna(0.0)
+    keep = list(ARCH_SCHEMA) + list(EXTRA_COLUMNS)
+    out = with_pareto(merged)
+    return conform(out[[c for c in keep if c in out]], ARCH_SCHEMA | EXTRA_COLUMNS)
+
+
+def metrics_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Search metric rows; a step logged twice (re-run after a resume) keeps its last row."""
+    df = pd.DataFrame(rows, columns=list(METRICS_SCHEMA))
+    df = df.drop_duplicates(["trial_id", "step"], keep="last").sort_values(["trial_id", "step"])
+    return conform(df.reset_index(drop=True), METRICS_SCHEMA)
+
+
+def write_results(out: Path, archs: pd.DataFrame, metrics: pd.DataFrame) -> None:
+    archs.to_csv(out / "architectures.csv", index=False)
+    archs.to_parquet(out / "architectures.parquet", index=False)
+    metrics.to_parquet(out / "search_metrics.parquet", index=False)
+
+
+def load_run(output_dir: str | Path) -> RunResults:
+    """Read a finished run's tables and config (for reports and notebooks)."""
+    out = Path(output_dir)
+    archs = pd.read_parquet(out / "architectures.parquet")
+    metrics_file = out / "search_metrics.parquet"
+    metrics = (
+        pd.read_parquet(metrics_file) if metrics_file.is_file() else conform(pd.DataFrame(), METRICS_SCHEMA)
+    )
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    return RunResults(archs, metrics, config)
+
+
+def load_genotype_json(output_dir: str | Path, arch_id: str) -> dict[str, Any]:
+    return json.loads((Path(output_dir) / "genotypes" / f"{arch_id}.json").read_text())
+
+
+def summary_table(archs: pd.DataFrame) -> str:
+    """Plain-text table, best accuracy first, Pareto members starred."""
+    if archs.empty:
+        return "(no architectures)"
+    df = archs.sort_values(["status", "test_acc"], ascending=[False, False])
+    lines = [
+        f"{'arch_id':16}  {'trial':5}  {'emit':>4}  {'pairs':>5}  {'params':>9}  {'MMACs':>8}  {'top-1':>7}  pareto"
+    ]
+    for r in df.itertuples():
+        acc = f"{100 * r.test_acc:6.2f}%" if r.status == "ok" else "failed "
+        star = ("M" if r.is_pareto_macs else "-") + ("P" if r.is_pareto_params else "-")
+        lines.append(
+            f"{r.arch_id:16}  {r.trial_id:5}  {r.emission_index:>4}  {r.alive_pairs:>5}  {r.params:>9,}  "
+            f"{r.macs / 1e6:>8.2f}  {acc:>7}  {star}"
+        )
+    return "\n".join(lines)
+
+
+# -- reading a run that is still going (or crashed half-way) -----------------------------------------
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a missing file is empty and a line cut by a crash is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _tolerant_metrics(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """`metrics_table`, but a row with a missing value (e.g. a row cut by a crash) never fails it."""
+    try:
+        return metrics_table(rows)
+    except (TypeError, ValueError):
+        df = pd.DataFrame(rows, columns=list(METRICS_SCHEMA))
+        df = df.drop_duplicates(["trial_id", "step"], keep="last").sort_values(["trial_id", "step"])
+        nullable = {k: {"int64": "Int64", "bool": "boolean"}.get(v, v) for k, v in METRICS_SCHEMA.items()}
+        return conform(df.reset_index(drop=True), nullable)
+
+
+def partial_retrain_results(output_dir: str | Path, arch_ids: list[str], epochs: int | None) -> pd.DataFrame:
+    """Retrain results read from `retrain/<arch_id>.jsonl` while the retrain stage runs.
+
+    An architecture whose history reaches `epochs` is "ok"; one with a shorter history is "running"
+    (its test accuracy is the last epoch's); one without history is "pending".
+    """
+    rows = []
+    for arch_id in arch_ids:
+        hist = [
+            r
+            for r in read_jsonl_rows(Path(output_dir) / "retrain" / f"{arch_id}.jsonl")
+            if "epoch" in r and "test_acc" in r
+        ]
+        if not hist:
+            rows.append({"arch_id": arch_id, "retrain_epochs": 0, "test_acc": np.nan, "test_error": np.nan,
+                         "wall_s": 0.0, "status": "pending", "error": "not retrained yet"})  # fmt: skip
+            continue
+        by_epoch = {int(r["epoch"]): r for r in hist}  # a resumed trial may log an epoch twice
+        last = by_epoch[max(by_epoch)]
+        done = epochs is not None and int(last["epoch"]) >= epochs
+        acc = float(last["test_acc"])
+        rows.append({
+            "arch_id": arch_id, "retrain_epochs": int(last["epoch"]), "test_acc": acc, "test_error": 1.0 - acc,
+            "wall_s": float(sum(float(r.get("epoch_s", 0.0)) for r in by_epoch.values())),
+            "status": "ok" if done else "running", "error": "" if done else f"epoch {last['epoch']}/{epochs or '?'}",
+        })  # fmt: skip
+    return pd.DataFrame(
+        rows, columns=["arch_id", "retrain_epochs", "test_acc", "test_error", "wall_s", "status", "error"]
+    )
+
+
+def load_partial_run(output_dir: str | Path) -> RunResults:
+    """Like `load_run`, but also reads a run folder that is still running or stopped half-way.
+
+    Falls back, table by table: architectures.parquet -> collected.parquet joined with
+    retrained.parquet or the per-epoch `retrain/*.jsonl` -> no architectures; search_metrics.parquet ->
+    `search/*/metrics.jsonl`; config.yaml -> {}. Raises FileNotFoundError if `output_dir` is no folder.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"no run folder at {out}")
+    config_file = out / "config.yaml"
+    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    if (out / "architectures.parquet").is_file():
+        archs = pd.read_parquet(out / "architectures.parquet")
+    elif (out / "collected.parquet").is_file():
+        collected = pd.read_parquet(out / "collected.parquet")
+        if (out / "retrained.parquet").is_file():
+            retrained = pd.read_parquet(out / "retrained.parquet")
+        else:
+            epochs = (config.get("retrain") or {}).get("epochs")
+            retrained = partial_retrain_results(out, list(collected["arch_id"]), epochs)
+        archs = architectures_table(collected, retrained)
+    else:
+        archs = conform(pd.DataFrame(), ARCH_SCHEMA)
+    if (out / "search_metrics.parquet").is_file():
+        metrics = pd.read_parquet(out / "search_metrics.parquet")
+    else:
+        rows = [r for f in sorted(out.glob("search/*/metrics.jsonl")) for r in read_jsonl_rows(f)]
+        metrics = _tolerant_metrics(rows)
+    return RunResults(archs, metrics, config)
+
+
+def load_genotypes(output_dir: str | Path, arch_ids: list[str] | None = None) -> dict[str, Any]:
+    """`{arch_id: Genotype}` from `genotypes/*.json` (or the `genotype` column of collected.parquet).
+
+    Unreadable or invalid genotype files are skipped.
+    """
+    from dnad.genotype import Genotype
+
+    out = Path(output_dir)
+    texts: dict[str, str] = {}
+    if (out / "collected.parquet").is_file():
+        collected = pd.read_parquet(out / "collected.parquet")
+        if "genotype" in collected:
+            texts.update(zip(collected["arch_id"].astype(str), collected["genotype"].astype(str)))
+    for f in sorted(out.glob("genotypes/*.json")):
+        try:
+            texts[f.stem] = f.read_text()
+        except OSError:
+            continue
+    wanted = texts.keys() if arch_ids is None else [a for a in arch_ids if a in texts]
+    genotypes: dict[str, Any] = {}
+    for arch_id in wanted:
+        try:
+            genotypes[arch_id] = Genotype.from_json(texts[arch_id])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return genotypes
+
+
+def reference_points(dataset: str) -> pd.DataFrame:
+    """Published reference models for `dataset` (packaged `dnad/data/reference_points.csv`).
+
+    Columns: dataset, model, params, macs (NaN where the source gives none), top1_acc, test_error,
+    source. Unknown datasets (e.g. `fake`) give an empty table.
+    """
+    from importlib.resources import files
+
+    with (files("dnad") / "data" / "reference_points.csv").open("r") as f:
+        ref = pd.read_csv(f)
+    if "macs" not in ref:
+        ref["macs"] = np.nan
+    key = str(dataset).lower().replace("-", "_")
+    ref = ref[ref["dataset"].str.lower().str.replace("-", "_") == key].reset_index(drop=True)
+    ref = ref.assign(
+        params=pd.to_numeric(ref["params"], errors="coerce").astype(float),
+        macs=pd.to_numeric(ref["macs"], errors="coerce").astype(float),
+        top1_acc=pd.to_numeric(ref["top1_acc"], errors="coerce").astype(float),
+    )
+    ref["test_error"] = 1.0 - ref["top1_acc"]
+    return ref[["dataset", "model", "params", "macs", "top1_acc", "test_error", "source"]]
