@@ -14,6 +14,9 @@ class InputError(DnadError):
         self.where, self.value, self.hint = where, value, hint
         super().__init__(f"{where}={value!r}: {hint}")
 
+    def __reduce__(self) -> tuple:  # picklable, so it crosses Ray process boundaries intact
+        return (type(self), (self.where, self.value, self.hint))
+
 
 class DatasetNotFoundError(InputError):
     """A dataset's files are not where the config says."""
@@ -28,6 +31,10 @@ class DivergenceError(DnadError):
             f"{stage}: {count} consecutive non-finite steps up to step {step} ({what}); "
             "lower the learning rate or check the data"
         )
+        self.what = what
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.stage, self.step, self.count, self.what))
 
 
 class CheckpointError(DnadError):

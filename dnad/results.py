@@ -63,7 +63,8 @@ def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
     df = df.copy()
     for col, dtype in schema.items():
         if col not in df:
-            df[col] = pd.Series([pd.NA] * len(df), dtype=dtype if dtype != "bool" else "boolean")
+            missing = {"string": pd.NA, "bool": False, "int64": 0}.get(dtype, float("nan"))
+            df[col] = pd.Series([missing] * len(df), dtype=dtype, index=df.index)
         df[col] = df[col].astype(dtype)
     return df[list(schema) + [c for c in df.columns if c not in schema]]
 

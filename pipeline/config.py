@@ -224,12 +224,23 @@ def validate(d: dict[str, Any]) -> RunConfig:
 
 
 def _resolve_paths(d: dict[str, Any]) -> dict[str, Any]:
-    """A relative teacher genotype path that is not found from here is read from the repo root."""
+    """Relative paths become absolute before the config leaves this process (Ray workers run in other
+    folders): resolved against the current folder, or the repo root for files shipped in it."""
+
+    def absolute(p: Any) -> Any:
+        if not isinstance(p, str) or not p or "://" in p or Path(p).expanduser().is_absolute():
+            return p
+        here = Path(p).resolve()
+        return str(here if here.exists() or not (CONFIG_DIR.parent / p).exists() else CONFIG_DIR.parent / p)
+
     t = d.get("search", {}).get("distill", {}).get("teacher", {})
-    g = t.get("genotype") if isinstance(t, dict) else None
-    if isinstance(g, str) and not Path(g).is_absolute() and not Path(g).exists():
-        if (CONFIG_DIR.parent / g).exists():
-            t["genotype"] = str(CONFIG_DIR.parent / g)
+    if isinstance(t, dict):
+        for key in ("genotype", "checkpoint"):
+            if key in t:
+                t[key] = absolute(t[key])
+    data = d.get("data")
+    if isinstance(data, dict) and "root" in data:
+        data["root"] = absolute(data["root"])
     return d
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
+from dnad.results import architectures_table, metrics_table, summary_table, write_results
 from pipeline.config import initial_sparsity, sweep_points
 from pipeline.context import RunContext
 from pipeline.progress import read_jsonl
-from dnad.results import architectures_table, metrics_table, summary_table, write_results
 
 
 def dense_cost(ctx: RunContext) -> tuple[int, int]:
@@ -30,8 +32,10 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
     s, r = cfg.search, cfg.retrain
     macs, params = dense_cost(ctx)
     s0 = initial_sparsity(s)
+    t = s.distill.teacher
+    what = {"torchvision": t.arch, "genotype": Path(t.genotype or "?").name, "checkpoint": t.checkpoint}
     kd = (
-        f"KD on (teacher {s.distill.teacher.kind}:{s.distill.teacher.arch})"
+        f"KD on (T={s.distill.temperature}, teacher {t.kind}:{what.get(t.kind)})"
         if s.distill.enabled
         else "KD off"
     )
@@ -53,13 +57,10 @@ def write_all(ctx: RunContext, archs: pd.DataFrame, retrained: pd.DataFrame) -> 
     table = architectures_table(archs, retrained)
     rows = [row for f in sorted((ctx.out / "search").glob("*/metrics.jsonl")) for row in read_jsonl(f)]
     write_results(ctx.out, table, metrics_table(rows))
+    from dnad.report import write_report
+
     try:
-        from pipeline import report
-    except ImportError:
-        report = None
-    if report is not None and hasattr(report, "write_report"):
-        try:
-            report.write_report(ctx.out)
-        except Exception as e:  # the results are written; a broken report must not fail the run
-            print(f"[report] failed: {type(e).__name__}: {e}")
+        print(f"[report] {write_report(ctx.out)}")
+    except Exception as e:  # the results are written; a broken report must not fail the run
+        print(f"[report] failed: {type(e).__name__}: {e}")
     return summary_table(table)

@@ -9,6 +9,7 @@ SearchLoop state as the epoch's checkpoint; a rerun with the same Ray run name r
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ METRIC_KEYS = ("step", "epoch", "loss", "ce", "kd", "S", "gamma", "mu", "alive_p
 
 def search_worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop (runs on every worker of the search's worker group)."""
+    import ray
     import ray.train
 
     from dnad.config import DataConfig, SearchConfig
@@ -44,6 +46,11 @@ def search_worker(config: dict[str, Any]) -> None:
             )
         teacher = load_teacher(config["teacher_path"])
     metrics_path, trial_id = Path(config["metrics_path"]), config["trial_id"]
+    # where every rank runs (diagnostics; the multi-node test checks the ranks landed on different nodes)
+    append_jsonl(metrics_path.parent / "workers.jsonl", {
+        "trial_id": trial_id, "rank": rank, "world_size": world, "node_id": ctx.get_node_rank(),
+        "ray_node_id": ray.get_runtime_context().get_node_id(), "device": str(device), "pid": os.getpid(),
+    })  # fmt: skip
 
     def log(m: dict[str, Any]) -> None:
         if rank == 0:
