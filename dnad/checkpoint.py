@@ -142,8 +142,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
         atomic_write_text(path / "state.json", json.dumps(skel))
         files = {n: _sha256(path / n) for n in ("tensors.safetensors", "state.json")}
         atomic_write_text(path / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(path, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # e.g. ENOSPC: say which checkpoint, keep errno
+            msg = f"cannot write checkpoint {path}: {e.strerror or e}; older checkpoints are untouched"
+            raise OSError(e.errno, msg) from e
         raise
     return path
 

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import torch
+from torch import nn
 
 from dnad.errors import DivergenceError
 
@@ -50,6 +51,32 @@ class NonFiniteGuard:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.consecutive, self.skipped_total = int(d["consecutive"]), int(d["skipped_total"])
+
+
+class BatchNormStats:
+    """The running statistics of every BatchNorm in a module, saved before a step and put back when the
+    step is skipped: a non-finite forward pass would otherwise leave NaN running means behind (the
+    weights are untouched, but evaluation and every later step read those buffers)."""
+
+    def __init__(self, module: nn.Module):
+        self.buffers = [
+            b
+            for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
+        self.saved = [torch.empty_like(b) for b in self.buffers]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for s, b in zip(self.saved, self.buffers):
+            s.copy_(b)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for s, b in zip(self.saved, self.buffers):
+            b.copy_(s)
 
 
 def rng_state() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from torch import nn
 from dnad.config import RetrainConfig
 from dnad.data import BatchIterator, DatasetBundle
 from dnad.fastops import preferred_format, to_layout
-from dnad.guard import NonFiniteGuard, all_finite, rng_state, set_rng_state
+from dnad.guard import BatchNormStats, NonFiniteGuard, all_finite, rng_state, set_rng_state
 from dnad.network import Network, auto_drop_path
 
 
@@ -79,6 +79,7 @@ class RetrainLoop:
             data.test, 256, seed=cfg.seed, train=False, augment=False, cutout=0, mean=data.mean, std=data.std
         )
         self.guard = NonFiniteGuard(stage, cfg.max_nonfinite)
+        self.bn_stats = BatchNormStats(model)  # put back when a step is skipped
         if isinstance(model, Network):
             self.p_max = (
                 auto_drop_path(model.genotype.num_pairs, model.genotype.num_cells)
@@ -113,6 +114,7 @@ class RetrainLoop:
                 to_layout(x.to(self.device, non_blocking=True), self.fmt),
                 y.to(self.device, non_blocking=True),
             )
+            self.bn_stats.save()
             if isinstance(model, Network):
                 logits, aux = model.forward_train(x)
             else:
@@ -130,6 +132,8 @@ class RetrainLoop:
                 loss_sum += float(loss.detach()) * y.numel()
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += y.numel()
+            else:
+                self.bn_stats.restore()
             self.step += 1
         train_s = time.perf_counter() - t0
         test_acc, test_loss = evaluate(model, self.test_batches, self.device)

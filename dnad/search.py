@@ -23,7 +23,7 @@ from dnad.config import SearchConfig
 from dnad.data import BatchIterator, DatasetBundle
 from dnad.distill import Distiller, FrozenTeacher
 from dnad.fastops import preferred_format, to_layout
-from dnad.guard import NonFiniteGuard, all_finite, rng_state, set_rng_state
+from dnad.guard import BatchNormStats, NonFiniteGuard, all_finite, rng_state, set_rng_state
 from dnad.shrink import ShrinkController
 from dnad.supernet import SuperNet
 
@@ -139,6 +139,7 @@ class SearchLoop:
         self.a_opt = torch.optim.SGD(self.net.arch_parameters(), lr=cfg.a_lr, momentum=cfg.a_momentum)
         self.controller = ShrinkController(cfg.shrink)
         self.guard = NonFiniteGuard("search", cfg.max_nonfinite)
+        self.bn_stats = BatchNormStats(self.module)  # put back when a step is skipped
         self.batches = BatchIterator(
             data.train, cfg.batch_size, seed=cfg.seed, train=True, augment=augment,
             cutout=0, mean=data.mean, std=data.std, rank=rank, world_size=world_size,
@@ -159,6 +160,7 @@ class SearchLoop:
         shrinking = self._shrinking()
         teacher_out = self.teacher.forward_features(x) if self.module.distiller is not None else None
         self.ddp.train()
+        self.bn_stats.save()
         out = self.ddp(x, y, teacher_out, self.controller.gamma, self.controller.mu, shrinking)
         out["loss"].backward()
         clip = self.cfg.grad_clip
@@ -173,6 +175,8 @@ class SearchLoop:
             self.w_opt.step()
             self.a_opt.step()
             self.net.enforce_deleted()
+        else:
+            self.bn_stats.restore()
         self.w_opt.zero_grad(set_to_none=True)
         self.a_opt.zero_grad(set_to_none=True)
         if ok and not all_finite(self.net.alpha.detach()):

@@ -35,10 +35,18 @@ def check_data(data: DataConfig, workers: int, batch_size: int, field: str) -> D
         root = Path(data.root) if data.root else None
         if root is None or not (root / "train").is_dir():
             raise InputError("data.root", data.root, "needs a folder with train/ and val/ class folders")
-        classes = data.num_classes or (
-            1000 if data.dataset == "imagenet" else len(list((root / "train").iterdir()))
-        )
-        return DataMeta(3, data.image_size or 224, classes, data.train_subset)
+        test = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+        if test is None:
+            raise InputError(
+                "data.root", data.root, "has train/ but no val/ (or test/) folder of class folders"
+            )
+        classes = _image_classes(root / "train")
+        if _image_classes(test) != classes:
+            raise InputError("data.root", str(test), "its class folders differ from train/'s")
+        want = data.num_classes or (1000 if data.dataset == "imagenet" else None)
+        if want is not None and want != len(classes):
+            raise InputError("data.num_classes", want, f"{root / 'train'} has {len(classes)} class folders")
+        return DataMeta(3, data.image_size or 224, len(classes), data.train_subset)
     from dnad.data import load_dataset
 
     b = load_dataset(data)
@@ -46,6 +54,27 @@ def check_data(data: DataConfig, workers: int, batch_size: int, field: str) -> D
     if n // workers < batch_size:
         raise InputError(field, batch_size, f"larger than the {n // workers} training images per worker")
     return DataMeta(b.in_channels, b.image_size, b.num_classes, n)
+
+
+def _image_classes(split: Path) -> list[str]:
+    """Class folders of an image-folder split, each of which must hold an image (torchvision's
+    ImageFolder refuses an empty one). Looks at names only and stops at the first image of every class,
+    so checking ImageNet stays quick."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(p.name for p in split.iterdir() if p.is_dir())
+    examples = ", ".join(IMG_EXTENSIONS[:4])
+    if not classes:
+        raise InputError(
+            "data.root", str(split), f"no class folders: expected {split}/<class>/<image> ({examples}, ...)"
+        )
+    for c in classes:
+        with os.scandir(split / c) as it:
+            if not any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in it):
+                raise InputError(
+                    "data.root", str(split / c), f"no images in this class folder ({examples}, ...)"
+                )
+    return classes
 
 
 def check_sparsity(cfg: RunConfig) -> None:

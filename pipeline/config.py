@@ -133,7 +133,7 @@ def trial_search_config(cfg: RunConfig, point: dict[str, Any]) -> SearchConfig:
         err = e.errors()[0]
         key = next((k for k, (s, f) in SWEEP_KEYS.items() if tuple(err["loc"][:2]) == (s, f)), None)
         where = f"sweep.{key}" if key else "search." + ".".join(map(str, err["loc"]))
-        raise InputError(where, err.get("input"), err["msg"]) from None
+        raise InputError(where, err.get("input"), err["msg"].removeprefix("Value error, ")) from None
 
 
 def initial_sparsity(cfg: SearchConfig) -> float:
@@ -214,7 +214,7 @@ def validate(d: dict[str, Any]) -> RunConfig:
         loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
         where = ".".join(map(str, loc)) or "config"
         value = err.get("input")
-        hint = err["msg"]
+        hint = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             known = _known_keys(loc)
             hint = "unknown key" + (f"; known keys here: {', '.join(known)}" if known else "")

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from dnad.checkpoint import atomic_write_text
+
 Row = dict[str, Any]
 
 
@@ -77,6 +79,8 @@ class Progress:
     def poll(self) -> None:
         for f in sorted(self.folder.rglob("*.jsonl")) if self.folder.is_dir() else []:
             pos = self.offsets.get(f, 0)
+            if f.stat().st_size < pos:  # rewound by a resumed worker (`rewind_jsonl`): read it again
+                pos = 0
             with open(f, "rb") as fh:
                 fh.seek(pos)
                 chunk = fh.read()
@@ -87,7 +91,10 @@ class Progress:
                     row = json.loads(line)
                 except ValueError:
                     continue
-                key, n = self.units(row)
+                try:
+                    key, n = self.units(row)
+                except (KeyError, TypeError, ValueError):
+                    continue  # another kind of row in the folder (e.g. search/<trial>/workers.jsonl)
                 self.done[key] = max(self.done.get(key, 0), n)
                 self.last = row
         if self.start_done is None:
@@ -131,3 +138,22 @@ def read_jsonl(path: Path) -> list[Row]:
         except ValueError:
             continue  # a line cut by a crash
     return rows
+
+
+def rewind_jsonl(path: Path, keep: Callable[[Row], bool]) -> int:
+    """Drop the rows that a resumed worker is about to write again (those past its checkpoint) and any
+    line cut by a crash; atomic. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and keep(row):
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
+    return len(lines) - len(kept)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +37,17 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
         os.environ.setdefault(k, v)
     import ray
 
+    from pipeline.faults import ENV as FAULTS_ENV
+
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": pythonpath, **QUIET_ENV}
+    if os.environ.get(FAULTS_ENV):  # test hook (pipeline/faults.py): the workers must see it too
+        env[FAULTS_ENV] = os.environ[FAULTS_ENV]
     kw: dict[str, Any] = dict(
         include_dashboard=False,
         logging_level=logging.ERROR,
         log_to_driver=False,  # worker output stays in Ray's log files; the driver prints progress
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **QUIET_ENV}},
+        runtime_env={"env_vars": env},
     )
     if address:
         ray.init(address=address, **kw)
@@ -145,13 +151,57 @@ def worker_setup(threads: int, use_gpu: bool):
 
 
 def read_checkpoint(checkpoint) -> dict[str, Any] | None:
-    """The dnad state saved inside a Ray checkpoint (None if there is none)."""
+    """The dnad state saved inside a Ray checkpoint (None if there is none).
+
+    Ray hands out the latest reported checkpoint; if that one fails verification (truncated or corrupt
+    files: `CheckpointError`), the newest valid sibling `checkpoint_*` folder of the same run or trial is
+    used instead, with a one-line warning on stderr. With no valid sibling the first error is raised.
+    """
     if checkpoint is None:
         return None
+    from dnad.errors import CheckpointError
+
+    try:
+        return _load(checkpoint)
+    except CheckpointError as e:
+        first = e
+    for sibling in _older_siblings(checkpoint):
+        try:
+            state = _load(sibling)
+        except CheckpointError:
+            continue
+        older = sibling.path.rstrip("/").rsplit("/", 1)[-1]
+        sys.stderr.write(f"warning: unusable checkpoint: {first}; resuming from {older}\n")
+        return state
+    raise first
+
+
+def _load(checkpoint) -> dict[str, Any]:
     from dnad.checkpoint import load_checkpoint
 
     with checkpoint.as_directory() as d:
         return load_checkpoint(Path(d))
+
+
+def _older_siblings(checkpoint) -> list:
+    """The other `checkpoint_*` folders next to `checkpoint` in its storage, newest first."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from dnad.checkpoint import PREFIX
+
+    fs = checkpoint.filesystem
+    path = checkpoint.path.rstrip("/")
+    parent, _, own = path.rpartition("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent or "/"))
+    except OSError:
+        return []
+    names = sorted(
+        (i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(PREFIX)),
+        reverse=True,
+    )
+    return [Checkpoint(path=f"{parent}/{n}", filesystem=fs) for n in names if n < own]
 
 
 def report(

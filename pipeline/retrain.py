@@ -23,13 +23,15 @@ RESULT_COLUMNS = ("arch_id", "retrain_epochs", "test_acc", "test_error", "wall_s
 
 def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
     """Tune function trainable: retrain one genotype."""
+    import torch
     from ray import tune
 
     from dnad.data import load_dataset
     from dnad.genotype import Genotype
     from dnad.network import build_model
     from dnad.retrain import RetrainLoop
-    from pipeline.progress import append_jsonl
+    from pipeline.faults import install_retrain_faults
+    from pipeline.progress import append_jsonl, rewind_jsonl
     from pipeline.raytools import read_checkpoint, report, worker_setup
 
     cfg, res = ctx.cfg, ctx.resources
@@ -40,6 +42,7 @@ def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
     data = load_dataset(dcfg)
     g = Genotype.from_json(config["genotype"])
     rc = cfg.retrain
+    torch.manual_seed(rc.seed)  # the initial weights: a retried or resumed trial builds the same network
     model = build_model(
         g, rc.C, data.num_classes, data.in_channels, data.image_size, auxiliary=rc.auxiliary_weight > 0
     )
@@ -49,16 +52,19 @@ def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
     state = read_checkpoint(tune.get_checkpoint())
     if state is not None:
         loop.load_state_dict(state)
+    rewind_jsonl(history, lambda r: int(r["epoch"]) <= loop.epoch)  # epochs past the checkpoint rerun
+    install_retrain_faults(loop, arch_id)  # test hook; nothing unless DNAD_FAULTS is set
 
-    def on_epoch_end(lp: RetrainLoop) -> None:
-        last = lp.history[-1]
-        metrics = {
-            "arch_id": arch_id, "retrain_epochs": lp.epoch, "test_acc": last["test_acc"],
+    def metrics(lp: RetrainLoop) -> dict[str, Any]:
+        return {
+            "arch_id": arch_id, "retrain_epochs": lp.epoch, "test_acc": lp.history[-1]["test_acc"],
             "wall_s": sum(h["epoch_s"] for h in lp.history), "done": lp.done,
         }  # fmt: skip
-        report(metrics, lp.state_dict(), f"checkpoint_{lp.epoch:06d}", tune=True)
 
-    loop.run(on_epoch_end)
+    if loop.done:  # restored from its final checkpoint (stopped before Tune recorded the last result)
+        report(metrics(loop), None, "", tune=True)
+        return
+    loop.run(lambda lp: report(metrics(lp), lp.state_dict(), f"checkpoint_{lp.epoch:06d}", tune=True))
 
 
 def retrain_entry(config: dict[str, Any], ctx: RunContext, fn: Callable[..., None]) -> None:

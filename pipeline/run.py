@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke-test", action="store_true", help="the profile shrunk to tiny sizes")
     p.add_argument("--address", help="join a running Ray cluster ('auto') instead of starting one")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value pairs may come before and after the options
 
 
 def resolve(args: argparse.Namespace):

@@ -29,7 +29,8 @@ def search_worker(config: dict[str, Any]) -> None:
     from dnad.data import load_dataset
     from dnad.distill import load_teacher
     from dnad.search import SearchLoop
-    from pipeline.progress import append_jsonl
+    from pipeline.faults import install_search_faults
+    from pipeline.progress import append_jsonl, rewind_jsonl
     from pipeline.raytools import read_checkpoint, report, worker_setup
 
     ctx = ray.train.get_context()
@@ -60,6 +61,9 @@ def search_worker(config: dict[str, Any]) -> None:
     state = read_checkpoint(ray.train.get_checkpoint())
     if state is not None:
         loop.load_state_dict(state)
+    if rank == 0:  # rows past the checkpoint (an interrupted epoch) are about to be written again
+        rewind_jsonl(metrics_path, lambda r: int(r["step"]) <= loop.step)
+    install_search_faults(loop, trial_id)  # test hook; nothing unless DNAD_FAULTS is set
 
     def on_epoch_end(lp: SearchLoop) -> None:
         metrics = {"epoch": lp.epoch, "step": lp.step, "emissions": len(lp.emissions), "done": lp.done}

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, thread_count
-from pipeline.progress import Progress, append_jsonl
+from pipeline.progress import Progress, append_jsonl, rewind_jsonl
 
 CACHE_FORMAT = 1
 
@@ -46,6 +46,7 @@ def _spec(cfg: RunConfig, data: Any, test_acc: float | None) -> dict[str, Any]:
 def teacher_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: trains the teacher with dnad's RetrainLoop, one checkpoint per epoch."""
     import ray.train
+    import torch
 
     from dnad.config import RetrainConfig
     from dnad.data import load_dataset
@@ -61,6 +62,7 @@ def teacher_worker(config: dict[str, Any]) -> None:
     if k and k < len(data.test):  # the teacher's accuracy is only informative: a subset will do
         data = load_dataset(dcfg.model_copy(update={"test_subset": k}))
     t = cfg.search.distill.teacher
+    torch.manual_seed(dcfg.seed)  # the initial weights do not depend on the worker process's RNG state
     model = make_teacher(t, data.num_classes, data.in_channels, data.image_size)
     rcfg = RetrainConfig(
         C=t.C, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, auxiliary_weight=0.0, drop_path=0.0,
@@ -73,6 +75,7 @@ def teacher_worker(config: dict[str, Any]) -> None:
     state = read_checkpoint(ray.train.get_checkpoint())
     if state is not None:
         loop.load_state_dict(state)
+    rewind_jsonl(metrics, lambda r: int(r["epoch"]) <= loop.epoch)  # epochs past the checkpoint rerun
 
     def on_epoch_end(lp: RetrainLoop) -> None:
         acc = lp.history[-1]["test_acc"]
@@ -120,11 +123,14 @@ def _train(ctx: RunContext, dest: Path) -> None:
 
 
 def _untrained(ctx: RunContext, dest: Path) -> None:
+    import torch
+
     from dnad.data import load_dataset
     from dnad.distill import make_teacher, save_teacher
 
     data = load_dataset(ctx.cfg.retrain_data_config())
     t = ctx.cfg.search.distill.teacher
+    torch.manual_seed(ctx.cfg.retrain_data_config().seed)
     model = make_teacher(t, data.num_classes, data.in_channels, data.image_size)
     save_teacher(dest, model, _spec(ctx.cfg, data, None))
 

@@ -1,0 +1,142 @@
+"""Bad input, table-driven: every case exits with code 2 before Ray starts, prints exactly one line on
+stderr naming the field or path, the value and a hint, and creates or changes nothing on disk."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipeline.raytools
+from pipeline.config import build_config, to_yaml
+from pipeline.run import main, parse_args, resolve
+
+REPO = Path(__file__).resolve().parent.parent
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+# id, arguments ({t} = the case's scratch folder), texts the one stderr line must hold (field, value, hint)
+CASES = [
+    ("unknown-profile", ["--profile", "nope"], ["--profile", "'nope'", "unknown profile", "quick"]),
+    ("unknown-key", ["--smoke-test", "search.foo=1"], ["search.foo=1", "unknown key", "epochs"]),
+    ("wrong-type", ["--smoke-test", "search.epochs=abc"], ["search.epochs=", "'abc'", "valid integer"]),
+    ("negative-lr", ["--smoke-test", "retrain.lr=-1"], ["retrain.lr=-1", "greater than 0"]),
+    ("bad-override", ["--smoke-test", "search.epochs"], ["override", "'search.epochs'", "key=value"]),
+    ("bad-sweep-value", ["--smoke-test", "sweep.temperature=[-1]"], ["sweep.temperature", "-1", "greater than 0"]),
+    ("s-min-above-initial-S", ["--smoke-test", "search.shrink.s_min=1e9"],
+     ["search.shrink.s_min=1000000000.0", "must be below", "initial S = 216.08"]),
+    ("unknown-op-set", ["--smoke-test", "search.supernet.ops=foo"],
+     ["search.supernet.ops='foo'", "unknown op set", "reference"]),
+    ("unknown-op", ["--smoke-test", "search.supernet.ops=[sep_conv_3x3,conv_9x9]"],
+     ["search.supernet.ops=", "conv_9x9", "registered ops"]),
+    ("empty-op-set", ["--smoke-test", "search.supernet.ops=[]"], ["search.supernet.ops=[]", "op set is empty"]),
+    ("batch-larger-than-data", ["--smoke-test", "search.batch_size=1000"],
+     ["search.batch_size=1000", "larger than the 256 training images"]),
+    ("missing-fashion-mnist", ["data.root={t}/nonexistent"],
+     ["data.root=", "/nonexistent", "apt-get install dataset-fashion-mnist"]),
+    ("imagefolder-without-classes", ["data.dataset=imagefolder", "data.root={t}/img_empty"],
+     ["data.root=", "img_empty/train", "no class folders"]),
+    ("imagefolder-class-without-images", ["data.dataset=imagefolder", "data.root={t}/img_noimg"],
+     ["data.root=", "img_noimg/train/cat", "no images"]),
+    ("imagefolder-without-val", ["data.dataset=imagefolder", "data.root={t}/img_noval"],
+     ["data.root=", "img_noval", "no val/"]),
+    ("gpu-without-gpu", ["--smoke-test", "ray.use_gpu=true"], ["ray.use_gpu=True", "no CUDA GPU", "auto"]),
+    ("output-under-a-file", ["--smoke-test", "--output", "{t}/afile/run"],
+     ["--output=", "afile/run", "not writable"]),
+    ("output-is-a-file", ["--smoke-test", "--output", "{t}/afile"], ["--output=", "afile'", "is a file"]),
+    ("output-not-a-run-folder", ["--smoke-test", "--output", "{t}/notarun"],
+     ["--output=", "notarun", "not a dnad run folder"]),
+    ("fresh-on-a-foreign-folder", ["--smoke-test", "--fresh", "--output", "{t}/notarun"],
+     ["--output=", "notarun", "not a dnad run folder"]),
+    ("output-read-only", ["--smoke-test", "--output", "{t}/readonly/run"],
+     ["--output=", "readonly/run", "not writable"]),
+    ("teacher-cache-unwritable", ["--smoke-test", "teacher.cache_dir={t}/afile/cache"],
+     ["teacher.cache_dir=", "afile/cache", "not writable"]),
+    ("resume-with-changed-config", ["--smoke-test", "--output", "{t}/run", "search.epochs=3"],
+     ["search.epochs=3", "differs from the run saved in", "(was 4)", "--fresh"]),
+    ("same-folder-other-name", ["--smoke-test", "--output", "{t}/run", "name=other"],
+     ["name='other'", "differs from the run saved in", "(was 'tiny')", "--fresh"]),
+]  # fmt: skip
+
+
+def scene(t: Path) -> None:
+    """The scratch folder every case starts from (some cases read parts of it)."""
+    for d in ("img_empty/train", "img_empty/val", "img_noimg/train/cat", "img_noimg/val/cat",
+              "img_noval/train/cat", "notarun", "readonly"):  # fmt: skip
+        (t / d).mkdir(parents=True)
+    (t / "img_noimg/train/cat/readme.txt").write_text("not an image")
+    (t / "img_noimg/val/cat/readme.txt").write_text("not an image")
+    (t / "img_noval/train/cat/a.png").write_bytes(b"\x89PNG")
+    (t / "afile").write_text("a file, not a folder")
+    (t / "notarun/notes.txt").write_text("someone's files")
+    os.chmod(t / "readonly", 0o500)
+    saved = build_config(None, None, [f"teacher.cache_dir={t}/cache"], smoke=True)  # a run to resume
+    (t / "run").mkdir()
+    (t / "run/config.yaml").write_text(to_yaml(saved.model_copy(update={"output": str(t / "run")})))
+
+
+def tree(t: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(t)): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(t.rglob("*"))}
+
+
+def argv(args: list[str], t: Path) -> list[str]:
+    out = [a.format(t=t) for a in args]
+    if "--output" not in out:
+        out += ["--output", str(t / "out")]
+    if not any(a.startswith("teacher.cache_dir=") for a in out):
+        out.append(f"teacher.cache_dir={t}/cache")
+    return out
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def start_ray(*a, **k):
+        raise AssertionError("Ray was started for bad input")
+
+    monkeypatch.setattr(pipeline.raytools, "start_ray", start_ray)
+
+
+@pytest.mark.parametrize(("args", "texts"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(args, texts, tmp_path, capsys, no_ray, request):
+    if "gpu-without-gpu" in request.node.name and torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    if "read-only" in request.node.name and IS_ROOT:
+        pytest.skip("root writes through mode 0o500 (the output-under-a-file case covers root)")
+    t = tmp_path / "t"
+    t.mkdir()
+    scene(t)
+    before = tree(t)
+    code = main(argv(args, t))
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert code == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for text in texts:
+        assert text.format(t=t) in lines[0], f"{text!r} not in {lines[0]!r}"
+    assert out == ""
+    assert tree(t) == before  # nothing created, nothing overwritten
+
+
+def test_the_saved_run_resumes_unchanged_and_fresh_overrides(tmp_path, no_ray):
+    """Controls for the two resume cases: the same config resumes, --fresh allows a changed one."""
+    scene(tmp_path)
+    same = resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run"], tmp_path)))
+    assert same[2] is True  # resuming
+    fresh = resolve(
+        parse_args(argv(["--smoke-test", "--fresh", "--output", "{t}/run", "search.epochs=3"], tmp_path))
+    )
+    assert fresh[2] is False and fresh[0].search.epochs == 3
+
+
+def test_cli_bad_input_is_one_line_on_stderr(tmp_path):
+    """The real command line, in a fresh interpreter: nothing else on stderr (no warnings, no usage)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipeline/run.py"), "--smoke-test", "search.foo=1", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "search.foo=1: unknown key" in proc.stderr
+    assert proc.stdout == "" and not out.exists()
