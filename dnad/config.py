@@ -143,6 +143,9 @@ class RetrainConfig(Strict):
     drop_path: float | Literal["auto"] = Field("auto", description="max drop-path prob; auto = spec §6")
     max_nonfinite: int = Field(5, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
+    test_every: int = Field(
+        1, ge=0, description="test-set evaluation every N epochs; 0 = after the last only"
+    )
     seed: int = 0
 
     @field_validator("drop_path")

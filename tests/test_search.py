@@ -105,3 +105,16 @@ def test_retrain_emitted_architecture(data):
     final = loop.run()
     assert len(recs) == 2 and final["epoch"] == 2 and 0.0 <= final["test_acc"] <= 1.0
     assert loop.p_max > 0
+
+
+def test_retrain_test_every_zero_tests_only_after_the_last_epoch(data):
+    import math
+
+    from dnad.genotype import Genotype
+
+    g = Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).run()[-1].genotype)
+    model = build_model(g, C=4, num_classes=data.num_classes, in_channels=3, image_size=16)
+    recs = []
+    RetrainLoop(tiny_retrain(epochs=3, test_every=0), model, data, callback=recs.append).run()
+    assert [math.isnan(r["test_acc"]) for r in recs] == [True, True, False]
+    assert 0.0 <= recs[-1]["test_acc"] <= 1.0
