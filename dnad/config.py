@@ -133,7 +133,10 @@ class RetrainConfig(Strict):
     epochs: int = Field(600, ge=1)
     batch_size: int = Field(96, ge=1)
     lr: float = Field(0.025, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd: SGD with momentum (spec §6); adamw: AdamW (faster on very short runs)"
+    )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
     weight_decay: float = Field(3e-4, ge=0.0)
     schedule: Literal["cosine", "linear_warmup"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)

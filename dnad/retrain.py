@@ -1,6 +1,6 @@
 """Training a network from scratch: derived architectures (spec §6) and teachers. No Ray in here.
 
-SGD with momentum, cosine (or linear-with-warm-up) schedule computed from the epoch (so resuming
+SGD with momentum (or AdamW), cosine (or linear-with-warm-up) schedule computed from the epoch (so resuming
 needs no scheduler state), drop-path rising linearly to p_max, auxiliary loss, grad clipping. The
 reported accuracy is the final epoch's, never the best epoch's.
 """
@@ -34,6 +34,15 @@ def lr_at(cfg: RetrainConfig, epoch: int, step_frac: float = 0.0) -> float:
     return cfg.lr * max(0.0, 1.0 - (e - cfg.warmup_epochs) / span)
 
 
+def make_optimizer(cfg: RetrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The weight optimizer of `cfg.optimizer` (its lr is set every step from `lr_at`)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) over every image of `batches`."""
@@ -63,14 +72,18 @@ class RetrainLoop:
         augment: bool = True,
         cutout: int = 0,
         stage: str = "retrain",
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        progress_every: int = 10,
     ):
+        """`callback` gets each epoch's record; `progress`, if given, gets a row every
+        `progress_every` steps inside an epoch: {"progress": epochs done as a float, running
+        "train_loss", "train_acc", "img_per_s"} (for progress displays)."""
         self.cfg, self.model, self.data, self.callback = cfg, model, data, callback
+        self.progress, self.progress_every = progress, max(1, progress_every)
         self.device = torch.device(device)
         self.fmt = preferred_format(self.device)
         self.model.to(self.device, memory_format=self.fmt)
-        self.opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        self.opt = make_optimizer(cfg, model)
         self.train_batches = BatchIterator(
             data.train, cfg.batch_size, seed=cfg.seed, train=True, augment=augment, cutout=cutout,
             mean=data.mean, std=data.std,
@@ -135,6 +148,12 @@ class RetrainLoop:
             else:
                 self.bn_stats.restore()
             self.step += 1
+            if self.progress is not None and (b + 1) % self.progress_every == 0 and b + 1 < n:
+                self.progress({
+                    "progress": self.epoch + (b + 1) / n, "train_loss": loss_sum / max(seen, 1),
+                    "train_acc": correct / max(seen, 1),
+                    "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+                })  # fmt: skip
         train_s = time.perf_counter() - t0
         self.epoch += 1
         every = cfg.test_every

@@ -72,6 +72,7 @@ class RetrainDataConfig(Strict):
     """How retraining's data differs from the search's (test split always whole unless data says so)."""
 
     train_subset: int | Literal["all", "same"] = Field("same", description="'same' = data.train_subset")
+    augment: bool | None = Field(None, description="crop + flip while retraining; None = data.augment")
 
 
 class RunConfig(Strict):
@@ -101,10 +102,12 @@ class RunConfig(Strict):
         return d
 
     def retrain_data_config(self) -> DataConfig:
-        sub = self.retrain_data.train_subset
-        if sub == "same":
-            return self.data
-        return self.data.model_copy(update={"train_subset": None if sub == "all" else sub})
+        rd, update = self.retrain_data, {}
+        if rd.train_subset != "same":
+            update["train_subset"] = None if rd.train_subset == "all" else rd.train_subset
+        if rd.augment is not None:
+            update["augment"] = rd.augment
+        return self.data.model_copy(update=update) if update else self.data
 
 
 def sweep_points(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ def dense_cost(ctx: RunContext) -> tuple[int, int]:
 def describe_run(ctx: RunContext, resuming: bool) -> str:
     cfg, res, m = ctx.cfg, ctx.resources, ctx.data_meta
     assert res is not None and m is not None
-    s, r = cfg.search, cfg.retrain
+    s, r, rd = cfg.search, cfg.retrain, cfg.retrain_data_config()
     macs, params = dense_cost(ctx)
     s0 = initial_sparsity(s)
     t = s.distill.teacher
@@ -48,7 +48,9 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
         f"  ray      {res.cpus} CPUs, {res.gpus} GPUs ({'GPU' if res.use_gpu else 'CPU'} training)",
         f"  search   C={s.supernet.C} × {s.supernet.cells} cells, S0={s0:.2f}, dense {params:,} params, "
         f"{macs / 1e6:.2f} MMACs; {s.epochs} epochs, {kd}; {n} sweep point(s), {where} each",
-        f"  retrain  C={r.C}, {r.epochs} epochs, batch {r.batch_size}, lr {r.lr}",
+        f"  retrain  C={r.C}, {r.epochs} epoch(s) on {rd.train_subset or 'all'} images"
+        f"{'' if rd.augment else ' (no augmentation)'}, {'AdamW' if r.optimizer == 'adamw' else 'SGD'} lr {r.lr}, "
+        f"batch {r.batch_size}; test on {cfg.data.test_subset or 'all'} test images",
     ])  # fmt: skip
 
 

@@ -36,8 +36,11 @@ class Progress:
         describe: Callable[[Row], str] = lambda r: "",
         stream: TextIO | None = None,
         interval: float = 1.0,
+        scale: int = 1,
     ):
+        """`scale` > 1: units count 1/scale of a displayed unit (e.g. thousandths of an epoch)."""
         self.stage, self.total, self.folder = stage, max(total, 1), Path(folder)
+        self.scale = max(1, scale)
         self.units, self.describe = units, describe
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
@@ -107,7 +110,12 @@ class Progress:
         eta = "?" if new <= 0 else fmt_duration((self.total - done) * elapsed / new)
         extra = self.describe(self.last) if self.last else ""
         pct = 100.0 * done / self.total
-        return f"[{self.stage}] {done}/{self.total} ({pct:4.1f}%) {fmt_duration(elapsed)} elapsed, ETA {eta}  {extra}"
+        count = (
+            f"{done}/{self.total}"
+            if self.scale == 1
+            else f"{done / self.scale:.1f}/{self.total / self.scale:g}"
+        )
+        return f"[{self.stage}] {count} ({pct:4.1f}%) {fmt_duration(elapsed)} elapsed, ETA {eta}  {extra}"
 
     def _print(self, force: bool = False) -> None:
         now, line = time.monotonic(), self.line()
@@ -119,6 +127,30 @@ class Progress:
             return
         self.last_print, self._printed_row = now, self.last
         self.stream.flush()
+
+
+EPOCH_SCALE = 1000
+
+
+def epoch_units(key: Callable[[Row], str]) -> Callable[[Row], tuple[str, int]]:
+    """Progress units for a `RetrainLoop`'s rows, in thousandths of an epoch: an epoch record
+    ({"epoch": e, ...}) counts e epochs, a within-epoch row ({"progress": 2.4, ...}) 2.4."""
+
+    def units(r: Row) -> tuple[str, int]:
+        if "progress" in r:
+            return key(r), int(EPOCH_SCALE * float(r["progress"]))
+        return key(r), EPOCH_SCALE * int(r["epoch"])
+
+    return units
+
+
+def describe_epoch_row(r: Row) -> str:
+    """`test acc` of an epoch record with a test result, else the running train accuracy and speed."""
+    acc = r.get("test_acc")
+    if acc is not None and acc == acc:  # not NaN: a tested epoch
+        return f"epoch {r['epoch']} test acc {100 * acc:.2f}%"
+    where = f"epoch {r['epoch']}" if "epoch" in r else f"{float(r['progress']):.2f} epochs"
+    return f"{where} train acc {100 * float(r['train_acc']):.1f}%  {float(r['img_per_s']):.0f} img/s"
 
 
 def append_jsonl(path: Path, row: Row) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.context import RunContext, thread_count
-from pipeline.progress import Progress
+from pipeline.progress import EPOCH_SCALE, Progress, describe_epoch_row, epoch_units
 from pipeline.sweep import one_line
 
 RESULT_COLUMNS = ("arch_id", "retrain_epochs", "test_acc", "test_error", "wall_s", "status", "error")
@@ -47,8 +47,10 @@ def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
         g, rc.C, data.num_classes, data.in_channels, data.image_size, auxiliary=rc.auxiliary_weight > 0
     )
     history = ctx.out / "retrain" / f"{arch_id}.jsonl"
+    ticks = ctx.out / "retrain" / f"{arch_id}.progress.jsonl"  # within-epoch rows for the display only
     loop = RetrainLoop(rc, model, data, device, lambda r: append_jsonl(history, {"arch_id": arch_id, **r}),
-                       augment=dcfg.augment, cutout=dcfg.cutout)  # fmt: skip
+                       augment=dcfg.augment, cutout=dcfg.cutout,
+                       progress=lambda r: append_jsonl(ticks, {"arch_id": arch_id, **r}))  # fmt: skip
     state = read_checkpoint(tune.get_checkpoint())
     if state is not None:
         loop.load_state_dict(state)
@@ -109,9 +111,11 @@ def run_retrain(
     }
     trainable = tune.with_resources(tune.with_parameters(retrain_entry, ctx=ctx, fn=trial), per_trial)
     epochs = ctx.cfg.retrain.epochs
-    units = lambda r: (r["arch_id"], int(r["epoch"]))  # noqa: E731
-    describe = lambda r: f"{r['arch_id']} epoch {r['epoch']} test acc {100 * r['test_acc']:.2f}%"  # noqa: E731
-    with Progress("retrain", epochs * len(archs), ctx.out / "retrain", units, describe):
+    units = epoch_units(lambda r: r["arch_id"])
+    describe = lambda r: f"{r['arch_id']} {describe_epoch_row(r)}"  # noqa: E731
+    with Progress(
+        "retrain", EPOCH_SCALE * epochs * len(archs), ctx.out / "retrain", units, describe, scale=EPOCH_SCALE
+    ):
         grid = fit_tuner(
             trainable, space, name=ctx.ray_name("retrain"), storage=ctx.storage,
             max_concurrent=max(1, min(int(slots), ctx.cfg.ray.max_concurrent or 10**6)),

@@ -24,7 +24,7 @@ MAIN_KEYS = """main keys (key=value, dotted, values parsed as YAML):
   data.dataset data.root data.train_subset data.test_subset    search.epochs search.batch_size
   search.supernet.C search.supernet.cells search.shrink.{gamma0,phi,t_max,s_min,sparsity}
   search.distill.enabled search.distill.temperature search.distill.teacher.{kind,arch,epochs}
-  retrain.C retrain.epochs retrain.batch_size retrain.lr retrain_data.train_subset
+  retrain.{C,epochs,batch_size,optimizer,lr} retrain_data.{train_subset,augment}
   sweep.{temperature,gamma0,phi,t_max,s_min,sparsity}=[...] sweep.num_samples
   ray.workers ray.use_gpu ray.cpus_per_trial ray.storage ray.max_failures teacher.cache_dir"""
 

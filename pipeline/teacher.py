@@ -16,7 +16,14 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, thread_count
-from pipeline.progress import Progress, append_jsonl, rewind_jsonl
+from pipeline.progress import (
+    EPOCH_SCALE,
+    Progress,
+    append_jsonl,
+    describe_epoch_row,
+    epoch_units,
+    rewind_jsonl,
+)
 
 CACHE_FORMAT = 1
 
@@ -69,8 +76,17 @@ def teacher_worker(config: dict[str, Any]) -> None:
         max_steps_per_epoch=cfg.teacher.max_steps_per_epoch, seed=dcfg.seed,
     )  # fmt: skip
     metrics = Path(config["metrics_path"])
+    ticks = metrics.with_name("progress.jsonl")  # within-epoch rows for the display only
     loop = RetrainLoop(
-        rcfg, model, data, device, lambda r: append_jsonl(metrics, r), dcfg.augment, 0, "teacher"
+        rcfg,
+        model,
+        data,
+        device,
+        lambda r: append_jsonl(metrics, r),
+        dcfg.augment,
+        0,
+        "teacher",
+        progress=lambda r: append_jsonl(ticks, r),
     )
     state = read_checkpoint(ray.train.get_checkpoint())
     if state is not None:
@@ -112,9 +128,10 @@ def _train(ctx: RunContext, dest: Path) -> None:
         teacher_worker, config, name=ctx.ray_name("teacher", dest.name), storage=ctx.storage, workers=1,
         use_gpu=res.use_gpu, cpus_per_worker=cpus, max_failures=cfg.ray.max_failures,
     )  # fmt: skip
-    units = lambda r: ("teacher", int(r["epoch"]))  # noqa: E731
-    describe = lambda r: f"test acc {100 * r['test_acc']:.2f}%  {r['img_per_s']:.0f} img/s"  # noqa: E731
-    with Progress("teacher", t.epochs, metrics_path.parent, units, describe):
+    units = epoch_units(lambda r: "teacher")
+    with Progress(
+        "teacher", EPOCH_SCALE * t.epochs, metrics_path.parent, units, describe_epoch_row, scale=EPOCH_SCALE
+    ):
         result = trainer.fit()
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         result.checkpoint.to_directory(tmp)

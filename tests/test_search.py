@@ -118,3 +118,49 @@ def test_retrain_test_every_zero_tests_only_after_the_last_epoch(data):
     RetrainLoop(tiny_retrain(epochs=3, test_every=0), model, data, callback=recs.append).run()
     assert [math.isnan(r["test_acc"]) for r in recs] == [True, True, False]
     assert 0.0 <= recs[-1]["test_acc"] <= 1.0
+
+
+def test_retrain_reports_progress_within_each_epoch(data):
+    from dnad.genotype import Genotype
+
+    g = Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).run()[-1].genotype)
+    model = build_model(g, C=4, num_classes=data.num_classes, in_channels=3, image_size=16)
+    ticks, recs = [], []
+    loop = RetrainLoop(
+        tiny_retrain(epochs=2), model, data, callback=recs.append, progress=ticks.append, progress_every=1
+    )
+    loop.run()
+    n = loop.train_batches.num_batches(0)
+    assert n >= 2  # otherwise there is no "within" an epoch to report
+    fractions = [t["progress"] for t in ticks]
+    # every step but an epoch's last (the epoch record covers that one), in order, strictly inside epochs
+    assert fractions == [e + (b + 1) / n for e in range(2) for b in range(n - 1)]
+    assert all(0.0 <= t["train_acc"] <= 1.0 and t["img_per_s"] > 0 for t in ticks)
+    assert [r["epoch"] for r in recs] == [1, 2]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_retrain_resumes_from_its_state_dict_with_either_optimizer(data, tmp_path, optimizer):
+    from dnad.genotype import Genotype
+
+    g = Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).run()[-1].genotype)
+    cfg = tiny_retrain(epochs=2, optimizer=optimizer, weight_decay=0.01, lr=0.01)
+
+    def fresh():
+        torch.manual_seed(0)
+        return RetrainLoop(
+            cfg, build_model(g, C=4, num_classes=data.num_classes, in_channels=3, image_size=16), data
+        )
+
+    whole = fresh()
+    assert type(whole.opt).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[optimizer]
+    whole.run()
+    first = fresh()
+    first.run_epoch()
+    save_checkpoint(tmp_path / "ck", first.state_dict())
+    resumed = fresh()
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ck"))
+    resumed.run()
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert resumed.history[-1]["test_acc"] == whole.history[-1]["test_acc"]

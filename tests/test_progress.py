@@ -1,0 +1,54 @@
+"""The console progress line: fed by JSON-lines files, within-epoch rows, ETA."""
+
+import io
+import json
+import math
+
+from pipeline.progress import EPOCH_SCALE, Progress, describe_epoch_row, epoch_units, fmt_duration
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_epoch_units_count_epoch_records_and_within_epoch_rows(tmp_path):
+    units = epoch_units(lambda r: r["arch_id"])
+    assert units({"arch_id": "a", "epoch": 2, "test_acc": 0.5}) == ("a", 2 * EPOCH_SCALE)
+    assert units({"arch_id": "a", "progress": 1.25, "train_acc": 0.5}) == ("a", int(1.25 * EPOCH_SCALE))
+
+
+def test_progress_line_sums_trials_in_fractional_epochs(tmp_path):
+    out = io.StringIO()
+    p = Progress("retrain", EPOCH_SCALE * 2 * 2, tmp_path, epoch_units(lambda r: r["arch_id"]),
+                 describe_epoch_row, stream=out, scale=EPOCH_SCALE)  # fmt: skip
+    p.poll()  # nothing yet: the baseline for the rate
+    _write(tmp_path / "a.jsonl", [{"arch_id": "a", "epoch": 1, "test_acc": float("nan"), "train_acc": 0.7,
+                                   "img_per_s": 50.0}])  # fmt: skip
+    _write(
+        tmp_path / "a.progress.jsonl",
+        [{"arch_id": "a", "progress": 0.5, "train_acc": 0.6, "img_per_s": 40.0}],
+    )
+    _write(
+        tmp_path / "b.progress.jsonl",
+        [{"arch_id": "b", "progress": 0.5, "train_acc": 0.6, "img_per_s": 40.0}],
+    )
+    p.poll()
+    line = p.line()
+    assert line.startswith("[retrain] 1.5/4 (37.5%)"), line  # a: 1 epoch (max of 0.5 and 1), b: 0.5
+    assert "ETA ?" not in line  # work was done since the baseline, so there is a rate
+
+
+def test_describe_epoch_row_never_prints_nan():
+    tested = describe_epoch_row({"epoch": 2, "test_acc": 0.8512, "train_acc": 0.8, "img_per_s": 9.0})
+    assert tested == "epoch 2 test acc 85.12%"
+    untested = describe_epoch_row({"epoch": 1, "test_acc": math.nan, "train_acc": 0.71, "img_per_s": 55.4})
+    assert "nan" not in untested and "train acc 71.0%" in untested and "55 img/s" in untested
+    within = describe_epoch_row({"progress": 0.42, "train_acc": 0.5, "img_per_s": 60.0})
+    assert within.startswith("0.42 epochs train acc 50.0%")
+
+
+def test_fmt_duration():
+    assert fmt_duration(59) == "0m59s" and fmt_duration(3725) == "1h02m"
