@@ -5,7 +5,9 @@ Output folder:
     run.json                  run id (names the Ray runs, so a --fresh run never meets old storage)
     stages/<stage>.json       marker + summary of a finished stage (present = skip on resume)
     search/<trial>/           metrics.jsonl (rank-0 rows), emissions.json
+    teacher/                  metrics.jsonl (per epoch) and progress.jsonl (within epochs, display only)
     retrain/<arch_id>.jsonl   per-epoch records of the retrain trial
+    retrain/<arch_id>.progress.jsonl  within-epoch rows for the progress line (display only)
     ray/                      Ray storage (checkpoints, Tune state) unless ray.storage is set
 """
 
