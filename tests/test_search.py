@@ -16,6 +16,14 @@ def data():
     return load_dataset(tiny_data())
 
 
+@pytest.fixture(scope="module")
+def emitted(data):
+    """The final genotype of one short search, shared by the retraining tests."""
+    from dnad.genotype import Genotype
+
+    return Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).run()[-1].genotype)
+
+
 def test_search_emits_shrinking_family_with_metrics(data):
     rows = []
     loop = SearchLoop(tiny_search(), data, callback=rows.append)
@@ -94,11 +102,8 @@ def test_weighted_sparsity_variant(data):
     loop.run_epoch()
 
 
-def test_retrain_emitted_architecture(data):
-    from dnad.genotype import Genotype
-
-    e = SearchLoop(tiny_search(epochs=2), data).run()[-1]
-    g = Genotype.from_json(e.genotype)
+def test_retrain_emitted_architecture(data, emitted):
+    g = emitted
     model = build_model(g, C=4, num_classes=data.num_classes, in_channels=3, image_size=16, auxiliary=True)
     recs = []
     loop = RetrainLoop(tiny_retrain(), model, data, callback=recs.append)
@@ -107,12 +112,10 @@ def test_retrain_emitted_architecture(data):
     assert loop.p_max > 0
 
 
-def test_retrain_test_every_zero_tests_only_after_the_last_epoch(data):
+def test_retrain_test_every_zero_tests_only_after_the_last_epoch(data, emitted):
     import math
 
-    from dnad.genotype import Genotype
-
-    g = Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).run()[-1].genotype)
+    g = emitted
     model = build_model(g, C=4, num_classes=data.num_classes, in_channels=3, image_size=16)
     recs = []
     RetrainLoop(tiny_retrain(epochs=3, test_every=0), model, data, callback=recs.append).run()
@@ -120,10 +123,8 @@ def test_retrain_test_every_zero_tests_only_after_the_last_epoch(data):
     assert 0.0 <= recs[-1]["test_acc"] <= 1.0
 
 
-def test_retrain_reports_progress_within_each_epoch(data):
-    from dnad.genotype import Genotype
-
-    g = Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).run()[-1].genotype)
+def test_retrain_reports_progress_within_each_epoch(data, emitted):
+    g = emitted
     model = build_model(g, C=4, num_classes=data.num_classes, in_channels=3, image_size=16)
     ticks, recs = [], []
     loop = RetrainLoop(
@@ -140,10 +141,8 @@ def test_retrain_reports_progress_within_each_epoch(data):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_retrain_resumes_from_its_state_dict_with_either_optimizer(data, tmp_path, optimizer):
-    from dnad.genotype import Genotype
-
-    g = Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).run()[-1].genotype)
+def test_retrain_resumes_from_its_state_dict_with_either_optimizer(data, emitted, tmp_path, optimizer):
+    g = emitted
     cfg = tiny_retrain(epochs=2, optimizer=optimizer, weight_decay=0.01, lr=0.01)
 
     def fresh():
