@@ -9,6 +9,7 @@ peak_rss_mb, plus the settings and the machine. `--profile` adds a per-op breakd
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dnad.fastops import preferred_format
+from dnad.fastops import preferred_format, reference_kernels
 from dnad.supernet import SuperNet
 
 PRESETS = {
@@ -77,6 +78,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true", help="print a per-op profile of one dense step")
     ap.add_argument(
+        "--kernels", choices=("dnad", "plain"), default="dnad",
+        help="depthwise convolutions: dnad's dispatch (dnad.fastops) or plain F.conv2d everywhere",
+    )  # fmt: skip
+    ap.add_argument(
         "--layout", choices=("auto", "nchw", "channels_last"), default="auto",
         help="activation layout (auto = what dnad's training loops use on this device)",
     )  # fmt: skip
@@ -101,18 +106,20 @@ def main() -> None:
             F.cross_entropy(net(x), y).backward()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
         net.zero_grad(set_to_none=True)
-    dense = step_time(net, x, y, a.steps, a.warmup)
-    rss_dense = peak_rss_mb()
-    deleted = delete_half(net)
-    half = step_time(net, x, y, a.steps, a.warmup)
+    with reference_kernels() if a.kernels == "plain" else contextlib.nullcontext():
+        dense = step_time(net, x, y, a.steps, a.warmup)
+        rss_dense = peak_rss_mb()
+        deleted = delete_half(net)
+        half = step_time(net, x, y, a.steps, a.warmup)
     out = {
         "preset": a.preset, "device": str(dev), "threads": a.threads, "batch": p["batch"],
-        "layout": "channels_last" if fmt == torch.channels_last else "nchw",
+        "layout": "channels_last" if fmt == torch.channels_last else "nchw", "kernels": a.kernels,
         "img_per_s_dense": round(p["batch"] / dense, 2), "img_per_s_half": round(p["batch"] / half, 2),
         "step_s_dense": round(dense, 4), "step_s_half": round(half, 4), "pairs_deleted": deleted,
         "pairs_total": int(net.alpha.numel()), "peak_rss_mb": round(max(rss_dense, peak_rss_mb()), 1),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None,
     }  # fmt: skip
     print(json.dumps(out))
 

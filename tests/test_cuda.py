@@ -1,0 +1,108 @@
+"""The engine on a CUDA device: fast depthwise ops, the search with distillation, checkpoints that move
+between GPU and CPU, supernet/derived parity and retraining. Skipped where no GPU is visible (CI);
+run them on a GPU machine with `python -m pytest -m gpu`."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from dnad.checkpoint import load_checkpoint, save_checkpoint
+from dnad.config import DistillConfig
+from dnad.data import load_dataset
+from dnad.distill import ResNetTeacher
+from dnad.fastops import IMPLS, DepthwiseConv2d
+from dnad.network import build_model
+from dnad.presets import tiny_data, tiny_retrain, tiny_search
+from dnad.retrain import RetrainLoop
+from dnad.search import SearchLoop
+from dnad.supernet import SuperNet
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+DEV = "cuda"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(tiny_data())
+
+
+@pytest.mark.parametrize(
+    ("k", "d", "s", "impl"),
+    [(k, d, s, i) for k, d, s in itertools.product((3, 5), (1, 2), (1, 2)) for i in IMPLS
+     if d == 2 or not i.startswith("poly")],
+)  # fmt: skip
+def test_fast_depthwise_matches_conv2d_on_cuda(k, d, s, impl):
+    torch.manual_seed(k * 10 + d + s)
+    m = DepthwiseConv2d(8, k, stride=s, dilation=d, impl=impl).to(DEV)
+    ref = nn.Conv2d(8, 8, k, s, m.padding, d, groups=8, bias=False).to(DEV)
+    ref.load_state_dict(m.state_dict())
+    x1 = torch.randn(4, 8, 28, 28, device=DEV, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = m(x1), ref(x2)
+    g = torch.randn_like(y2)
+    y1.backward(g)
+    y2.backward(g)
+    # cuDNN may use TF32 for convolutions: compare with a tolerance relative to the magnitudes
+    for a, b in ((y1, y2), (x1.grad, x2.grad), (m.weight.grad, ref.weight.grad)):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3 * scale)
+
+
+def test_search_with_distillation_runs_on_cuda_and_resumes_on_cpu(data, tmp_path):
+    cfg = tiny_search(epochs=2, distill=DistillConfig(enabled=True, temperature=2.0))
+    teacher = ResNetTeacher("resnet18", data.num_classes, data.in_channels, data.image_size)
+    rows = []
+    loop = SearchLoop(cfg, data, teacher=teacher, device=DEV, callback=rows.append)
+    assert loop.net.alpha.is_cuda and all(p.is_cuda for p in loop.net.parameters())
+    emissions = loop.run()
+    assert emissions and any(r["kd"] > 0 for r in rows)
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in rows])))
+    save_checkpoint(tmp_path / "ck", loop.state_dict())
+    # a GPU checkpoint loads on a CPU-only loop (tensors are mapped to the CPU)
+    cpu = SearchLoop(cfg, data, teacher=teacher, device="cpu")
+    cpu.load_state_dict(load_checkpoint(tmp_path / "ck"))
+    assert torch.equal(cpu.net.alpha, loop.net.alpha.cpu())
+    assert cpu.net.alive_pairs() == loop.net.alive_pairs()
+
+
+def test_supernet_and_derived_network_agree_on_cuda():
+    torch.manual_seed(1)
+    net = SuperNet(C=4, num_cells=4, num_classes=5, in_channels=3, image_size=16)
+    with torch.no_grad():
+        net.alpha.uniform_(-1.0, 3.0)
+    net.delete_below_threshold()
+    net = net.to(DEV)
+    net.train()
+    for _ in range(3):
+        net(torch.randn(8, 3, 16, 16, device=DEV))
+    net.eval()
+    g = net.export()
+    model = build_model(g, C=4, num_classes=5, in_channels=3, image_size=16).to(DEV)
+    model.load_state_dict(net.state_dict(), strict=False)
+    w = net.mixing_weights().detach()
+    for c, cell in enumerate(model.cells):
+        if hasattr(cell, "edges"):
+            cols = {key: col for row in net.cells[c].pairs for col, _, key in row}
+            cell.edge_scale = {key: float(w[c, cols[key]]) for key in cell.edges}
+    model.eval()
+    x = torch.randn(4, 3, 16, 16, device=DEV)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=2e-3, atol=2e-3)
+
+
+def test_retrain_on_cuda(data):
+    emitted = SearchLoop(tiny_search(epochs=2), data, device=DEV).run()[-1]
+    from dnad.genotype import Genotype
+
+    model = build_model(Genotype.from_json(emitted.genotype), C=4, num_classes=data.num_classes,
+                        in_channels=3, image_size=16, auxiliary=True)  # fmt: skip
+    recs = []
+    loop = RetrainLoop(tiny_retrain(optimizer="adamw", lr=0.003), model, data, DEV, callback=recs.append)
+    final = loop.run()
+    assert next(model.parameters()).is_cuda
+    assert [r["epoch"] for r in recs] == [1, 2] and 0.0 <= final["test_acc"] <= 1.0
