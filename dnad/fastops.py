@@ -183,6 +183,11 @@ class DepthwiseConv2d(nn.Conv2d):
         """The variant `forward` runs for input `x` (ignores `reference_kernels()`)."""
         if self.impl is not None:
             return self.impl
+        if x.device.type != "cpu":
+            # the table is the CPU's; on CUDA the rewrites only add kernel launches: measured on an
+            # H200 (benchmarks/supernet_speed.py --preset paper-cifar), the search step ran at 297
+            # img/s with the table and 415 img/s with plain cuDNN convolutions
+            return "plain"
         key = (self.kernel_size[0], self.dilation[0], self.stride[0])
         if key == (3, 1, 1) and x.dim() == 4 and x.shape[-1] < 24:
             return "plain"  # oneDNN's NCHW 3×3 kernel wins on small maps

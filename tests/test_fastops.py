@@ -126,6 +126,9 @@ def test_dispatch_table_covers_the_darts_convs() -> None:
     for (k, d), s in itertools.product(((3, 1), (5, 1), (3, 2), (5, 2)), (1, 2)):
         impl = DepthwiseConv2d(C, k, stride=s, dilation=d).choose_impl(torch.empty(1, C, 16, 16))
         assert impl in IMPLS and (d == 2 or not impl.startswith("poly"))
+        # the table is the CPU's: on any other device the plain convolution runs
+        off_cpu = torch.empty(1, C, 16, 16, device="meta")
+        assert DepthwiseConv2d(C, k, stride=s, dilation=d).choose_impl(off_cpu) == "plain"
 
 
 def test_rejects_bad_arguments() -> None:
