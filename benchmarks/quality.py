@@ -352,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
     rdata = _bundle(cfg, retrain_data=True)
     meta = {"channels": rdata.in_channels, "size": rdata.image_size, "classes": rdata.num_classes}
     need_dnad = "DNAD" in a.methods or "random" in a.methods
-    teacher_dir = str(get_teacher(cfg, rdata, device)) if need_dnad else None
     runner = Runner(a.jobs, a.threads, deadline)
     skipped = 0
     try:
@@ -366,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                 if cache.is_file():
                     found[(method, seed)] = json.loads(cache.read_text())
                 else:
-                    searches.append((cfg_d, seed, kd, teacher_dir if kd else None, device))
+                    searches.append((cfg_d, seed, kd, None, device))
+        if any(item[2] for item in searches):  # the teacher is needed only by a DNAD search still to run
+            teacher_dir = str(get_teacher(cfg, rdata, device))
+            searches = [(c, sd, kd, teacher_dir if kd else None, d) for c, sd, kd, _, d in searches]
 
         def searched(item: tuple, res: dict) -> None:
             method, seed = ("DNAD" if item[2] else "SNPS"), item[1]
