@@ -60,12 +60,18 @@ class DerivedCell(nn.Module):
 
     def forward(self, s_prev: torch.Tensor | None, s_prev2: torch.Tensor | None) -> torch.Tensor:
         states = self.inputs(s_prev, s_prev2)
+        relu: dict[int, torch.Tensor] = {}  # ReLU(state) computed once, shared by every op starting with it
         for k, node in enumerate(self.spec):
             acc = None
             for i, op in node:
                 key = f"{k + 2}_{i}_{op}"
                 edge = self.edges[key]
-                h = edge(states[i])
+                if getattr(edge, "starts_with_relu", False):
+                    if i not in relu:
+                        relu[i] = torch.relu(states[i])
+                    h = edge.from_relu(relu[i])
+                else:
+                    h = edge(states[i])
                 if self.training and not is_identity(edge):
                     h = drop_path(h, self.drop_prob)
                 if self.edge_scale is not None:
