@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dnad.checkpoint import atomic_write_text
 from dnad.complexity import count_complexity, genotype_cost
 from dnad.config import RetrainConfig, TeacherConfig
 from dnad.data import DatasetBundle, load_dataset
@@ -320,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--jobs", type=int, default=1, help="searches/retrainings run at once (worker processes)")
     ap.add_argument(
-        "--deadline-min", type=float, help="start no search or retraining after this many minutes"
-    )
+        "--deadline-min", type=float,
+        help="finish within this many minutes: start a search or retraining only if, judged by the longest "
+        "one of its kind so far, it can end in time (the same command again goes on with the rest)",
+    )  # fmt: skip
     ap.add_argument("--out", help="output folder (default benchmarks/results/quality-<profile>)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     a = ap.parse_intermixed_args(argv)
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def searched(item: tuple, res: dict) -> None:
             method, seed = ("DNAD" if item[2] else "SNPS"), item[1]
-            (out / f"emissions-{method}-{seed}.json").write_text(json.dumps(res))
+            atomic_write_text(out / f"emissions-{method}-{seed}.json", json.dumps(res))
             found[(method, seed)] = res
             log(
                 f"{method} seed {seed}: {len(res['candidates'])} distinct emissions in {res['search_s']:.0f} s"
