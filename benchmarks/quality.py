@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dnad.checkpoint import atomic_write_text
 from dnad.complexity import count_complexity, genotype_cost
-from dnad.config import RetrainConfig, TeacherConfig
+from dnad.config import TeacherConfig
 from dnad.data import DatasetBundle, load_dataset
 from dnad.distill import load_teacher, make_teacher, save_teacher
 from dnad.errors import InputError
@@ -90,7 +90,7 @@ def spread(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 def get_teacher(cfg: RunConfig, data: DatasetBundle, device: str) -> Path:
     """The teacher's checkpoint folder: the configured checkpoint, or one trained here (and cached by
     the hash of its config, like the pipeline's teacher stage)."""
-    from pipeline.teacher import teacher_hash  # pure function (no Ray import at module level)
+    from pipeline.teacher import teacher_hash, teacher_recipe, teacher_spec  # no Ray import at module level
 
     t = cfg.search.distill.teacher
     if t.kind == "checkpoint":
@@ -102,15 +102,10 @@ def get_teacher(cfg: RunConfig, data: DatasetBundle, device: str) -> Path:
     dcfg = cfg.retrain_data_config()
     torch.manual_seed(dcfg.seed)
     model = make_teacher(t, data.num_classes, data.in_channels, data.image_size)
-    # the recipe of the pipeline's teacher stage (pipeline/teacher.py): SGD with the teacher's lr
-    rcfg = RetrainConfig(
-        C=t.C, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, auxiliary_weight=0.0, drop_path=0.0,
-        max_steps_per_epoch=cfg.teacher.max_steps_per_epoch, seed=dcfg.seed,
-    )  # fmt: skip
     if t.epochs:
         log(f"teacher: training {t.kind} for {t.epochs} epochs on {device}")
         loop = RetrainLoop(
-            rcfg, model, data, device,
+            teacher_recipe(cfg), model, data, device,
             lambda r: log(f"teacher epoch {r['epoch']}: test acc {100 * r['test_acc']:.2f}%"),
             dcfg.augment, 0, "teacher",
         )  # fmt: skip
@@ -119,10 +114,7 @@ def get_teacher(cfg: RunConfig, data: DatasetBundle, device: str) -> Path:
         model.to("cpu", memory_format=torch.contiguous_format)
     else:
         acc = None
-    spec = {"teacher": t.model_dump(mode="json"), "num_classes": data.num_classes,
-            "in_channels": data.in_channels, "image_size": data.image_size, "test_acc": acc,
-            "config_hash": teacher_hash(cfg)}  # fmt: skip
-    save_teacher(dest, model, spec)
+    save_teacher(dest, model, teacher_spec(cfg, data, acc))
     return dest
 
 

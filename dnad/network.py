@@ -23,7 +23,7 @@ from dnad.cells import (
     stage_taps,
 )
 from dnad.genotype import CellSpec, Genotype
-from dnad.ops import build_op, is_identity
+from dnad.ops import apply_edge, build_op, is_identity
 
 
 def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -66,12 +66,7 @@ class DerivedCell(nn.Module):
             for i, op in node:
                 key = f"{k + 2}_{i}_{op}"
                 edge = self.edges[key]
-                if getattr(edge, "starts_with_relu", False):
-                    if i not in relu:
-                        relu[i] = torch.relu(states[i])
-                    h = edge.from_relu(relu[i])
-                else:
-                    h = edge(states[i])
+                h = apply_edge(edge, states, i, relu)
                 if self.training and not is_identity(edge):
                     h = drop_path(h, self.drop_prob)
                 if self.edge_scale is not None:

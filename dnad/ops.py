@@ -201,3 +201,15 @@ def _dil5(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
 def is_identity(op: nn.Module) -> bool:
     """True for ops that drop-path must leave alone (identity skips)."""
     return isinstance(op, nn.Identity)
+
+
+def apply_edge(
+    edge: nn.Module, states: list[torch.Tensor], i: int, relu: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """`edge(states[i])`; an op that starts with ReLU takes ReLU(states[i]) from `relu`, computed once
+    per state and shared by every such op of the cell (same values, one ReLU instead of many)."""
+    if getattr(edge, "starts_with_relu", False):
+        if i not in relu:
+            relu[i] = torch.relu(states[i])
+        return edge.from_relu(relu[i])
+    return edge(states[i])

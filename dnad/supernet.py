@@ -23,7 +23,7 @@ from dnad.cells import (
     stage_taps,
 )
 from dnad.genotype import Genotype
-from dnad.ops import build_op, resolve_op_set
+from dnad.ops import apply_edge, build_op, resolve_op_set
 
 DELETED_ALPHA = -1000.0
 SPARSITY_SCALE = 50.0
@@ -136,13 +136,7 @@ class MixedCell(nn.Module):
             for col, i, key in row:
                 if not alive[col]:
                     continue
-                edge = self.edges[key]
-                if getattr(edge, "starts_with_relu", False):
-                    if i not in relu:
-                        relu[i] = torch.relu(states[i])
-                    outs.append(edge.from_relu(relu[i]))
-                else:
-                    outs.append(edge(states[i]))
+                outs.append(apply_edge(self.edges[key], states, i, relu))
                 cols.append(col)
             states.append(weighted_sum(w[cols], outs))
         return torch.cat(states[2:], dim=1)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dnad.config import RetrainConfig
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, thread_count
 from pipeline.progress import (
@@ -39,7 +40,17 @@ def teacher_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _spec(cfg: RunConfig, data: Any, test_acc: float | None) -> dict[str, Any]:
+def teacher_recipe(cfg: RunConfig) -> RetrainConfig:
+    """The RetrainConfig a teacher is trained with: SGD at the teacher's own epochs, batch and lr."""
+    t, seed = cfg.search.distill.teacher, cfg.retrain_data_config().seed
+    return RetrainConfig(
+        C=t.C, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, auxiliary_weight=0.0, drop_path=0.0,
+        max_steps_per_epoch=cfg.teacher.max_steps_per_epoch, seed=seed,
+    )  # fmt: skip
+
+
+def teacher_spec(cfg: RunConfig, data: Any, test_acc: float | None) -> dict[str, Any]:
+    """The `teacher.json` of a trained teacher (how to rebuild it, its accuracy, its cache key)."""
     return {
         "teacher": cfg.search.distill.teacher.model_dump(mode="json"),
         "num_classes": data.num_classes,
@@ -55,7 +66,6 @@ def teacher_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from dnad.config import RetrainConfig
     from dnad.data import load_dataset
     from dnad.distill import make_teacher, save_teacher
     from dnad.retrain import RetrainLoop
@@ -71,10 +81,7 @@ def teacher_worker(config: dict[str, Any]) -> None:
     t = cfg.search.distill.teacher
     torch.manual_seed(dcfg.seed)  # the initial weights do not depend on the worker process's RNG state
     model = make_teacher(t, data.num_classes, data.in_channels, data.image_size)
-    rcfg = RetrainConfig(
-        C=t.C, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, auxiliary_weight=0.0, drop_path=0.0,
-        max_steps_per_epoch=cfg.teacher.max_steps_per_epoch, seed=dcfg.seed,
-    )  # fmt: skip
+    rcfg = teacher_recipe(cfg)
     metrics = Path(config["metrics_path"])
     ticks = metrics.with_name("progress.jsonl")  # within-epoch rows for the display only
     loop = RetrainLoop(
@@ -98,7 +105,7 @@ def teacher_worker(config: dict[str, Any]) -> None:
 
         def add_teacher(d: Path) -> None:
             if lp.done:
-                save_teacher(d / "teacher", lp.model, _spec(cfg, data, acc))
+                save_teacher(d / "teacher", lp.model, teacher_spec(cfg, data, acc))
 
         report(
             {"epoch": lp.epoch, "test_acc": acc},
@@ -149,7 +156,7 @@ def _untrained(ctx: RunContext, dest: Path) -> None:
     t = ctx.cfg.search.distill.teacher
     torch.manual_seed(ctx.cfg.retrain_data_config().seed)
     model = make_teacher(t, data.num_classes, data.in_channels, data.image_size)
-    save_teacher(dest, model, _spec(ctx.cfg, data, None))
+    save_teacher(dest, model, teacher_spec(ctx.cfg, data, None))
 
 
 def run_teacher(ctx: RunContext) -> str | None:
