@@ -220,7 +220,8 @@ def retrain_task(cfg_d: dict[str, Any], method: str, seed: int, cand: dict[str, 
     t0 = time.monotonic()
     loop = RetrainLoop(
         cfg.retrain, model, rdata, device,
-        lambda r: log(f"  {label} epoch {r['epoch']} test acc {100 * r['test_acc']:.2f}%"),
+        lambda r: log(f"  {label} epoch {r['epoch']} " + (
+            f"test acc {100 * r['test_acc']:.2f}%" if r["test_acc"] == r["test_acc"] else "(not tested)")),
         augment=rdata_cfg.augment, cutout=rdata_cfg.cutout,
     )  # fmt: skip
     last = loop.run()

@@ -149,6 +149,11 @@ class RetrainConfig(Strict):
     test_every: int = Field(
         1, ge=0, description="test-set evaluation every N epochs; 0 = after the last only"
     )
+    cuda_graph: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on a CUDA device, capture each training step as one CUDA graph and replay it "
+        "(these small networks are launch-bound); off: eager steps",
+    )
     seed: int = 0
 
     @field_validator("drop_path")

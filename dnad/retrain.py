@@ -7,6 +7,7 @@ reported accuracy is the final epoch's, never the best epoch's.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -17,10 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnad.config import RetrainConfig
+from dnad.cudagraph import StaticStep, unsupported_reason
 from dnad.data import BatchIterator, DatasetBundle
 from dnad.fastops import preferred_format, to_layout
 from dnad.guard import BatchNormStats, NonFiniteGuard, all_finite, rng_state, set_rng_state
 from dnad.network import Network, auto_drop_path
+
+log = logging.getLogger(__name__)
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the first capture (PyTorch's advice)
 
 
 def lr_at(cfg: RetrainConfig, epoch: int, step_frac: float = 0.0) -> float:
@@ -43,6 +48,11 @@ def make_optimizer(cfg: RetrainConfig, model: nn.Module) -> torch.optim.Optimize
     )
 
 
+def eval_batch_size(device: torch.device | str) -> int:
+    """Test batches: 256 on the CPU; 1024 on a GPU, where a batch costs about its kernel launches."""
+    return 256 if torch.device(device).type == "cpu" else 1024
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) over every image of `batches`."""
@@ -61,6 +71,9 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> 
 
 class RetrainLoop:
     """Trains `model` on `data.train`, evaluates on `data.test` after every epoch."""
+
+    # tests only: take the CUDA-graph path on the CPU, running the captured step function directly
+    emulate_graphs = False
 
     def __init__(
         self,
@@ -89,8 +102,9 @@ class RetrainLoop:
             mean=data.mean, std=data.std,
         )  # fmt: skip
         self.test_batches = BatchIterator(
-            data.test, 256, seed=cfg.seed, train=False, augment=False, cutout=0, mean=data.mean, std=data.std
-        )
+            data.test, eval_batch_size(self.device), seed=cfg.seed, train=False, augment=False, cutout=0,
+            mean=data.mean, std=data.std,
+        )  # fmt: skip
         self.guard = NonFiniteGuard(stage, cfg.max_nonfinite)
         self.bn_stats = BatchNormStats(model)  # put back when a step is skipped
         if isinstance(model, Network):
@@ -104,6 +118,99 @@ class RetrainLoop:
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        # CUDA graph state (see dnad.cudagraph): eager warm-up steps, then one captured step replayed
+        reason = unsupported_reason(self.opt)
+        on_gpu = self.device.type == "cuda" or self.emulate_graphs
+        self.graphs = cfg.cuda_graph == "auto" and on_gpu and reason is None
+        if cfg.cuda_graph == "auto" and on_gpu and reason is not None:
+            log.warning("%s: eager steps, no CUDA graph (%s)", stage, reason)
+        self._static: StaticStep | None = None
+        self._drop_p = 0.0
+        self._graph_key: float | None = None
+        self._warm = 0
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(self.model, Network):
+            return self.model.forward_train(x)
+        return self.model(x), None
+
+    def _loss(self, logits: torch.Tensor, aux: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        ls = self.cfg.label_smoothing
+        loss = F.cross_entropy(logits, y, label_smoothing=ls)
+        if aux is not None:
+            loss = loss + self.cfg.auxiliary_weight * F.cross_entropy(aux, y, label_smoothing=ls)
+        return loss
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[bool, float, int]:
+        """One ordinary step: (kept, loss, correct); a non-finite one is undone (BN statistics put back)."""
+        self.bn_stats.save()
+        logits, aux = self._forward(x)
+        loss = self._loss(logits, aux, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if all_finite(loss.detach(), norm):
+            self.opt.step()
+            return True, float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
+        self.bn_stats.restore()
+        return False, float("nan"), 0
+
+    def _graph_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[bool, float, int] | None:
+        """The step through a CUDA graph; None = run it eagerly (warm-up, or graphs turned off)."""
+        if self._warm < GRAPH_WARMUP_STEPS:
+            return None
+        st = self._static
+        if st is None:
+            # the last warm-up step left every used parameter's gradient in place: bind to those
+            st = self._static = StaticStep(
+                self.model, self.opt, self._loss, self._forward, self.cfg.grad_clip, x.clone(), y.clone()
+            )
+            st.bind()
+        if x.shape != st.x.shape:  # never with drop_last batches; be safe anyway
+            self._stop_graphs(f"batch shape {tuple(x.shape)} differs from the captured {tuple(st.x.shape)}")
+            return None
+        key = self._drop_p  # baked into the graph: re-capture when it changes (once per epoch at most)
+        st.x.copy_(x)
+        st.y.copy_(y)
+        if self.device.type != "cuda":  # emulate_graphs
+            return st.run_eager(lr)
+        if st.graph is None or key != self._graph_key:
+            st.graph = None
+            torch.cuda.synchronize(self.device)
+            st.capture()
+            self._graph_key = key
+            log.debug("captured a CUDA graph of one training step (drop-path %.3f)", key)
+        return st.replay(lr)
+
+    def _stop_graphs(self, why: str) -> None:
+        log.warning("CUDA graphs off for the rest of this run: %s", why)
+        if self._static is not None:
+            self._static.flush()
+            self._static.graph = None
+        self._static, self.graphs = None, False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[bool, float, int]:
+        if self.graphs:
+            try:
+                r = self._graph_step(x, y, lr)
+            except Exception as e:  # a capture the graph cannot hold: fall back, keep the run going
+                self._stop_graphs(f"{type(e).__name__}: {e}")
+                r = None
+            if r is not None:
+                return r
+            if self.graphs and self._warm < GRAPH_WARMUP_STEPS and self.device.type != "cuda":
+                self._warm += 1
+            elif self.graphs and self._warm < GRAPH_WARMUP_STEPS:  # warm up on a side stream
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    r = self._eager_step(x, y)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                self._warm += 1
+                return r
+        return self._eager_step(x, y)
 
     @property
     def done(self) -> bool:
@@ -113,7 +220,8 @@ class RetrainLoop:
         cfg, model = self.cfg, self.model
         model.train()
         if isinstance(model, Network):
-            model.set_drop_path(self.p_max * self.epoch / cfg.epochs)
+            self._drop_p = self.p_max * self.epoch / cfg.epochs
+            model.set_drop_path(self._drop_p)
         n = self.train_batches.num_batches(self.epoch)
         if cfg.max_steps_per_epoch:
             n = min(n, cfg.max_steps_per_epoch)
@@ -127,26 +235,11 @@ class RetrainLoop:
                 to_layout(x.to(self.device, non_blocking=True), self.fmt),
                 y.to(self.device, non_blocking=True),
             )
-            self.bn_stats.save()
-            if isinstance(model, Network):
-                logits, aux = model.forward_train(x)
-            else:
-                logits, aux = model(x), None
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if aux is not None:
-                loss = loss + cfg.auxiliary_weight * F.cross_entropy(
-                    aux, y, label_smoothing=cfg.label_smoothing
-                )
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if self.guard.check(self.step, all_finite(loss.detach(), norm), "loss or gradient"):
-                self.opt.step()
-                loss_sum += float(loss.detach()) * y.numel()
-                correct += int((logits.detach().argmax(1) == y).sum())
+            ok, loss_v, n_correct = self._step(x, y, self.opt.param_groups[0]["lr"])
+            if self.guard.check(self.step, ok, "loss or gradient"):
+                loss_sum += loss_v * y.numel()
+                correct += n_correct
                 seen += y.numel()
-            else:
-                self.bn_stats.restore()
             self.step += 1
             if self.progress is not None and (b + 1) % self.progress_every == 0 and b + 1 < n:
                 self.progress({
@@ -154,6 +247,8 @@ class RetrainLoop:
                     "train_acc": correct / max(seen, 1),
                     "img_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                 })  # fmt: skip
+        if self._static is not None:
+            self._static.flush()
         train_s = time.perf_counter() - t0
         self.epoch += 1
         every = cfg.test_every
@@ -180,6 +275,8 @@ class RetrainLoop:
         return self.history[-1] if self.history else {}
 
     def state_dict(self) -> dict[str, Any]:
+        if self._static is not None:
+            self._static.flush()
         return {
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
@@ -193,6 +290,9 @@ class RetrainLoop:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.model.load_state_dict(d["model"])
         self.opt.load_state_dict(d["opt"])
+        if self._static is not None:  # its update holds the optimizer's old state tensors: start over
+            self._static.graph = None
+            self._static, self._warm = None, 0
         self.guard.load_state_dict(d["guard"])
         self.epoch, self.step, self.history = int(d["epoch"]), int(d["step"]), list(d["history"])
         set_rng_state(d["rng"])

@@ -106,3 +106,76 @@ def test_retrain_on_cuda(data):
     final = loop.run()
     assert next(model.parameters()).is_cuda
     assert [r["epoch"] for r in recs] == [1, 2] and 0.0 <= final["test_acc"] <= 1.0
+
+
+# ------------------------------------------------------------------ training steps as CUDA graphs
+def _graph_loop(data, cuda_graph: str, model=None, **kw) -> RetrainLoop:
+    from dnad.genotype import Genotype
+
+    torch.manual_seed(0)
+    if model is None:
+        g = Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).net.export().to_json())
+        model = build_model(
+            g, C=4, num_classes=data.num_classes, in_channels=3, image_size=16, auxiliary=True
+        )
+    return RetrainLoop(tiny_retrain(cuda_graph=cuda_graph, **kw), model, data, DEV)
+
+
+def _rel_diff(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    ks = [k for k in sa if sa[k].is_floating_point()]
+    num = sum(float((sa[k] - sb[k]).pow(2).sum()) for k in ks) ** 0.5
+    return num / sum(float(sa[k].pow(2).sum()) for k in ks) ** 0.5
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_cuda_graph_retraining_matches_eager(data, opt):
+    kw = dict(optimizer=opt, lr=0.003 if opt == "adamw" else 0.01, drop_path=0.2, epochs=3)
+    eager, graph = _graph_loop(data, "off", **kw), _graph_loop(data, "auto", **kw)
+    captures = []
+    orig = graph._graph_step
+
+    def spy(x, y, lr):
+        before = graph._static.graph if graph._static is not None else None
+        r = orig(x, y, lr)
+        if graph._static is not None and graph._static.graph is not before:
+            captures.append(graph._drop_p)
+        return r
+
+    graph._graph_step = spy
+    for loop in (eager, graph):
+        torch.manual_seed(1)
+        loop.run()
+    assert not eager.graphs and eager._static is None
+    assert graph.graphs and graph._static is not None and graph._static.graph is not None
+    assert captures == sorted(set(captures)) and len(captures) >= 2  # re-captured when drop-path changed
+    assert _rel_diff(eager.model, graph.model) < 2e-2  # cuDNN/TF32 and drop-path draws differ slightly
+    for re, rg in zip(eager.history, graph.history):
+        assert re["train_loss"] == pytest.approx(rg["train_loss"], rel=2e-2)
+
+
+def test_cuda_graph_skips_a_nonfinite_step_and_checkpoint_resumes_on_cpu(data, tmp_path):
+    from test_guard import poison
+
+    loop = _graph_loop(data, "auto", epochs=3, optimizer="adamw", lr=0.003)
+    poison(loop.train_batches, lambda e, b: e == 1 and b == 2)
+    loop.run_epoch()
+    loop.run_epoch()
+    assert loop.graphs and loop._static is not None and loop.guard.skipped_total == 1
+    assert all(torch.isfinite(t.float()).all() for t in loop.model.state_dict().values())
+    save_checkpoint(tmp_path / "ck", loop.state_dict())
+    n = 2 * loop.train_batches.num_batches() - 1
+    assert {float(s["step"]) for s in loop.opt.state.values()} == {float(n)}  # the skipped one not counted
+    cpu_model = _graph_loop(data, "off").model.cpu()
+    cpu = RetrainLoop(tiny_retrain(epochs=3, optimizer="adamw", lr=0.003), cpu_model, data, "cpu")
+    cpu.load_state_dict(load_checkpoint(tmp_path / "ck"))
+    rec = cpu.run()
+    assert rec["epoch"] == 3 and 0.0 <= rec["test_acc"] <= 1.0
+
+
+def test_cuda_graph_trains_a_torchvision_teacher(data):
+    model = ResNetTeacher("resnet18", data.num_classes, data.in_channels, data.image_size).net
+    loop = _graph_loop(data, "auto", model=model, epochs=1, optimizer="sgd", lr=0.05, auxiliary_weight=0.0)
+    rec = loop.run()
+    assert loop._static is not None and loop._static.graph is not None
+    assert 0.0 <= rec["test_acc"] <= 1.0 and rec["train_loss"] == rec["train_loss"]
