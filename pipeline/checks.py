@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from dnad.config import DataConfig
 from dnad.errors import InputError
@@ -26,7 +27,7 @@ class DataMeta:
 
 
 # keys that may change between a run and its resumption (they do not change any result)
-RESUMABLE_CHANGES = ("output", "ray.address", "ray.num_cpus", "ray.max_concurrent")
+RESUMABLE_CHANGES = ("output", "ray.address", "ray.num_cpus", "ray.max_concurrent", "retrain.cuda_graph")
 
 
 def check_data(data: DataConfig, workers: int, batch_size: int, field: str) -> DataMeta:
@@ -148,6 +149,10 @@ def check_output(cfg: RunConfig, out: Path, fresh: bool) -> bool:
         old = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise InputError("--output", str(saved), f"unreadable saved config ({e}); use --fresh") from None
+    try:  # a setting added since that run was saved counts as its default
+        old = RunConfig.model_validate(old).model_dump(mode="json")
+    except ValidationError:
+        pass  # a key that no longer exists: the diff below names it
     diffs = [d for d in _diff(old, cfg.model_dump(mode="json")) if d[0] not in RESUMABLE_CHANGES]
     if diffs:
         key, was, now = diffs[0]

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import pipeline.raytools
+from dnad.errors import InputError
 from pipeline.config import build_config, to_yaml
 from pipeline.run import main, parse_args, resolve
 
@@ -128,6 +130,18 @@ def test_the_saved_run_resumes_unchanged_and_fresh_overrides(tmp_path, no_ray):
         parse_args(argv(["--smoke-test", "--fresh", "--output", "{t}/run", "search.epochs=3"], tmp_path))
     )
     assert fresh[2] is False and fresh[0].search.epochs == 3
+
+
+def test_a_run_saved_before_a_setting_existed_resumes(tmp_path, no_ray):
+    """A key missing from an older run's config.yaml counts as its default (retrain.cuda_graph came
+    later; label_smoothing stands for any other such key); a changed value still refuses."""
+    scene(tmp_path)
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    del saved["retrain"]["cuda_graph"], saved["retrain"]["label_smoothing"]
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(saved))
+    assert resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run"], tmp_path)))[2] is True
+    with pytest.raises(InputError, match=r"retrain\.epochs"):
+        resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run", "retrain.epochs=7"], tmp_path)))
 
 
 def test_cli_bad_input_is_one_line_on_stderr(tmp_path):
