@@ -1,15 +1,15 @@
 """A whole training step as one CUDA graph: forward, loss, backward, grad clipping, the optimizer update
 and the finite check, captured once and replayed. No Ray in here.
 
-Why: the derived networks are many small kernels (5,000-14,000 ATen ops per training step at C = 7), so
-on a GPU an eager step is bound by the host's kernel launches, not by the GPU (an H200 ran a 95K-param
-network at ~10 s per Fashion-MNIST epoch). Replaying a captured graph launches the same kernels from
-the GPU side.
+Why: the derived networks are many small kernels (5,000-14,000 ATen ops per training step at C = 7);
+replaying a captured graph launches them from the GPU side instead of one host call each. Measured on
+an H200 at batch 512 (benchmarks/retrain_speed.py): 9-15 % faster than eager steps; at that batch the
+kernels themselves (fp32 depthwise convolutions), not their launches, take most of the time.
 
 What capture needs, and how each is met here:
 - no host syncs and no host-side scalars that change between steps. The learning rate and Adam's bias
   corrections change every step, so the optimizer update is re-written with `torch._foreach_*` ops that
-  read them from a small device tensor filled before each replay (`functional_update`; the same
+  read them from a small device tensor filled before each replay (`FunctionalUpdate`; the same
   arithmetic, in the same order, as `torch.optim.AdamW` / `torch.optim.SGD` with foreach, so the
   optimizer's `state_dict()` stays the standard one and a checkpoint resumes on any device);
 - a skipped non-finite step (the retrain loop's guard): the graph first copies every mutable tensor

@@ -2,7 +2,8 @@
 
 SGD with momentum (or AdamW), cosine (or linear-with-warm-up) schedule computed from the epoch (so resuming
 needs no scheduler state), drop-path rising linearly to p_max, auxiliary loss, grad clipping. The
-reported accuracy is the final epoch's, never the best epoch's.
+reported accuracy is the final epoch's, never the best epoch's. On a CUDA device each training step is
+replayed as one CUDA graph after a few eager warm-up steps (`cfg.cuda_graph`, see `dnad.cudagraph`).
 """
 
 from __future__ import annotations
