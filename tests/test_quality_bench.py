@@ -119,3 +119,30 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path):
                            str(tmp_path / "q")], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "--device" in proc.stderr and "cuda" in proc.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_a_retraining_stopped_part_way_resumes_from_its_last_epoch(quality, tmp_path, monkeypatch, capsys):
+    from pipeline.config import build_config
+
+    cfg = build_config("tiny", None, ["retrain.epochs=3"])
+    meta = {"channels": 3, "size": 16, "classes": 5}
+    cand = quality.random_genotypes(cfg, meta, 1, 10**9, 1, seed=0)[0]
+    cfg_d = cfg.model_dump(mode="json")
+    full = quality.retrain_task(cfg_d, "random", 0, cand, "cpu", None)
+
+    ck = tmp_path / "ck"
+    run_epoch = quality.RetrainLoop.run_epoch
+
+    def stop_at_third(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt("stopped by the test")
+        return run_epoch(self)
+
+    monkeypatch.setattr(quality.RetrainLoop, "run_epoch", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        quality.retrain_task(cfg_d, "random", 0, cand, "cpu", str(ck))
+    assert [p.name for p in ck.iterdir()] == ["checkpoint_000002"]  # only the newest is kept
+    monkeypatch.setattr(quality.RetrainLoop, "run_epoch", run_epoch)
+    resumed = quality.retrain_task(cfg_d, "random", 0, cand, "cpu", str(ck))
+    assert "resumed after epoch 2 of 3" in capsys.readouterr().out
+    assert resumed["epochs"] == 3 and resumed["test_acc"] == full["test_acc"]  # as if never stopped
