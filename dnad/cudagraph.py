@@ -41,7 +41,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tenso
 
 
 def unsupported_reason(opt: torch.optim.Optimizer) -> str | None:
-    """Why `functional_update` cannot stand in for `opt` (None when it can)."""
+    """Why `FunctionalUpdate` cannot stand in for `opt` (None when it can)."""
     if len(opt.param_groups) != 1:
         return f"{len(opt.param_groups)} param groups"
     g = opt.param_groups[0]
@@ -156,7 +156,11 @@ class FunctionalUpdate:
 class StaticStep:
     """One training step on fixed input tensors `x`, `y`, whose outputs land in `self.out` =
     [finite flag, loss, correct]. `run_eager()` executes it; `capture()` records it as a CUDA graph
-    that `replay()` runs. Call `restore()` when the flag is 0 to undo the step."""
+    that `replay()` runs; a step whose flag is 0 is undone (`restore()`).
+
+    Build it right after an ordinary backward pass: the update runs over the params that got gradients
+    then, and every tensor it can change (those params, the model's buffers, the optimizer state) gets
+    a backup slot."""
 
     def __init__(
         self,
@@ -171,21 +175,14 @@ class StaticStep:
         self.model, self.opt, self.loss_fn, self.forward = model, opt, loss_fn, forward
         self.grad_clip = grad_clip
         self.x, self.y = x, y
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.update: FunctionalUpdate | None = None  # built once the params with gradients are known
+        with_grad = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        self.update = FunctionalUpdate(opt, with_grad)
+        self.live = [p.data for p in with_grad] + list(model.buffers()) + self.update.state_tensors
+        self.backup = [t.clone() for t in self.live]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out = torch.zeros(3, device=x.device)
 
-    def bind(self) -> None:
-        """Call once right after an ordinary backward pass: the update runs over the params that got
-        gradients; every mutable tensor gets a backup slot."""
-        with_grad = [p for p in self.params if p.grad is not None]
-        self.update = FunctionalUpdate(self.opt, with_grad)
-        self.live = [p.data for p in self.params] + list(self.model.buffers()) + self.update.state_tensors
-        self.backup = [t.clone() for t in self.live]
-
     def _body(self) -> None:
-        assert self.update is not None
         torch._foreach_copy_(self.backup, self.live)
         logits, aux = self.forward(self.x)
         loss = self.loss_fn(logits, aux, self.y)
@@ -199,13 +196,10 @@ class StaticStep:
             torch.stack([ok.float(), loss.detach().float(), correct.float()], out=self.out)
 
     def set_lr(self, lr: float) -> None:
-        assert self.update is not None
         self.update.scalars.copy_(torch.tensor(self.update.prepare(lr)), non_blocking=False)
 
     def run_eager(self, lr: float) -> tuple[bool, float, int]:
         """The step without capture (what the graph replays, run directly: the CPU tests use it)."""
-        if self.update is None:
-            raise RuntimeError("bind() first: StaticStep needs one ordinary step to know the grads")
         self.opt.zero_grad(set_to_none=True)
         self.set_lr(lr)
         self._body()
@@ -213,7 +207,6 @@ class StaticStep:
 
     def capture(self, pool: object | None = None) -> None:
         """Record the step as a CUDA graph (nothing runs until `replay`)."""
-        assert self.update is not None
         self.opt.zero_grad(set_to_none=True)  # backward allocates the grads inside the graph's pool
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
@@ -228,7 +221,6 @@ class StaticStep:
 
     def _finish(self) -> tuple[bool, float, int]:
         ok, loss, correct = self.out.tolist()
-        assert self.update is not None
         if ok:
             self.update.committed()
         else:
@@ -240,5 +232,4 @@ class StaticStep:
         torch._foreach_copy_(self.live, self.backup)
 
     def flush(self) -> None:
-        if self.update is not None:
-            self.update.flush()
+        self.update.flush()

@@ -157,16 +157,13 @@ class RetrainLoop:
         return False, float("nan"), 0
 
     def _graph_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[bool, float, int] | None:
-        """The step through a CUDA graph; None = run it eagerly (warm-up, or graphs turned off)."""
-        if self._warm < GRAPH_WARMUP_STEPS:
-            return None
+        """The step through a CUDA graph (after the warm-up); None = graphs turned off, run it eagerly."""
         st = self._static
         if st is None:
             # the last warm-up step left every used parameter's gradient in place: bind to those
             st = self._static = StaticStep(
                 self.model, self.opt, self._loss, self._forward, self.cfg.grad_clip, x.clone(), y.clone()
             )
-            st.bind()
         if x.shape != st.x.shape:  # never with drop_last batches; be safe anyway
             self._stop_graphs(f"batch shape {tuple(x.shape)} differs from the captured {tuple(st.x.shape)}")
             return None
@@ -193,7 +190,7 @@ class RetrainLoop:
             torch.cuda.synchronize(self.device)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[bool, float, int]:
-        if self.graphs:
+        if self.graphs and self._warm >= GRAPH_WARMUP_STEPS:
             try:
                 r = self._graph_step(x, y, lr)
             except Exception as e:  # a capture the graph cannot hold: fall back, keep the run going
@@ -201,15 +198,14 @@ class RetrainLoop:
                 r = None
             if r is not None:
                 return r
-            if self.graphs and self._warm < GRAPH_WARMUP_STEPS and self.device.type != "cuda":
-                self._warm += 1
-            elif self.graphs and self._warm < GRAPH_WARMUP_STEPS:  # warm up on a side stream
+        elif self.graphs:  # an eager warm-up step, on a side stream on CUDA
+            self._warm += 1
+            if self.device.type == "cuda":
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     r = self._eager_step(x, y)
                 torch.cuda.current_stream(self.device).wait_stream(side)
-                self._warm += 1
                 return r
         return self._eager_step(x, y)
 
