@@ -83,10 +83,14 @@ class _Relayout(torch.autograd.Function):
         return grad.contiguous(memory_format=ctx.fmt_in), None
 
 
-def _relayout(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+def relayout(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """`x` in layout `fmt`; its grad goes back in x's own layout."""
     if x.is_contiguous(memory_format=fmt):
         return x
     return _Relayout.apply(x, fmt)
+
+
+PHASE_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))  # row/column offset of each phase, in stacking order
 
 
 def _phase_slices(size: int) -> tuple[int, int]:
@@ -100,7 +104,7 @@ def _split_phases(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     n, c, h, w = x.shape
     hs, ws = _phase_slices(h), _phase_slices(w)
     out = torch.empty((4 * n, c, hs[0], ws[0]), dtype=x.dtype, device=x.device, memory_format=fmt)
-    for i, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+    for i, (a, b) in enumerate(PHASE_OFFSETS):
         dst = out[i * n : (i + 1) * n]
         dst[:, :, : hs[a], : ws[b]].copy_(x[:, :, a::2, b::2])
         dst[:, :, hs[a] :].zero_()  # no-ops for even sizes; for odd ones, 'same' padding reads zeros there
@@ -113,9 +117,19 @@ def _merge_phases(y: torch.Tensor, h: int, w: int, fmt: torch.memory_format) -> 
     n = y.shape[0] // 4
     hs, ws = _phase_slices(h), _phase_slices(w)
     out = torch.empty((n, y.shape[1], h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
-    for i, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+    for i, (a, b) in enumerate(PHASE_OFFSETS):
         out[:, :, a::2, b::2].copy_(y[i * n : (i + 1) * n, :, : hs[a], : ws[b]])
     return out
+
+
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if `x` is stored that way (and not also plain-contiguous), else contiguous."""
+    return _format_of(x)
+
+
+def inner_format(impl: Impl) -> torch.memory_format:
+    """The layout a polyphase variant runs its undilated conv in."""
+    return torch.channels_last if impl == "poly_cl" else torch.contiguous_format
 
 
 class _Phases(torch.autograd.Function):
@@ -131,6 +145,22 @@ class _Phases(torch.autograd.Function):
         return _merge_phases(grad, ctx.shape[2], ctx.shape[3], ctx.fmt_in), None
 
 
+def split_phases_of(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """`split_phases` outside autograd (for custom backward passes)."""
+    return _split_phases(x, fmt)
+
+
+def split_phases(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """(n, c, h, w) -> (4n, c, ⌈h/2⌉, ⌈w/2⌉) in layout `fmt`: the 2×2 polyphase components stacked along
+    the batch (even/even, even/odd, odd/even, odd/odd); differentiable, grad in x's layout."""
+    return _Phases.apply(x, fmt)
+
+
+def merge_phases(y: torch.Tensor, h: int, w: int, fmt: torch.memory_format) -> torch.Tensor:
+    """Inverse of `split_phases` for an (h, w) map, in layout `fmt`; differentiable."""
+    return _Unphases.apply(y, h, w, fmt)
+
+
 class _Unphases(torch.autograd.Function):
     """`_merge_phases` whose backward hands the conv its grad in the conv's own layout."""
 
@@ -144,19 +174,40 @@ class _Unphases(torch.autograd.Function):
         return _split_phases(grad, ctx.fmt_in), None, None, None
 
 
-class _EvenPhase(torch.autograd.Function):
-    """`x[:, :, ::2, ::2]` copied into layout `fmt`; the backward scatters into zeros of x's layout."""
+class _Phase(torch.autograd.Function):
+    """`x[:, :, a::2, a::2]` (a = 0: even/even phase, a = 1: odd/odd) copied into layout `fmt`, zero-padded
+    to ⌈h/2⌉ × ⌈w/2⌉; the backward scatters into zeros of x's own layout.
+
+    Slicing autograd's way would hand back a grad in the default (NCHW) layout, and that mixed layout
+    slows every op upstream in the backward pass (a ReLU backward on a mixed pair ran 10× slower).
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-        ctx.shape, ctx.fmt_in = x.shape, _format_of(x)
-        return x[:, :, ::2, ::2].contiguous(memory_format=fmt)
+    def forward(ctx: Any, x: torch.Tensor, a: int, fmt: torch.memory_format) -> torch.Tensor:
+        ctx.shape, ctx.fmt_in, ctx.a = x.shape, _format_of(x), a
+        n, c, h, w = x.shape
+        src = x[:, :, a::2, a::2]
+        hs, ws = _phase_slices(h)[0], _phase_slices(w)[0]
+        if src.shape[2:] == (hs, ws):
+            return src.contiguous(memory_format=fmt)
+        out = torch.empty((n, c, hs, ws), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+        out[:, :, : src.shape[2], : src.shape[3]].copy_(src)
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        a = ctx.a
         gx = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.fmt_in).zero_()
-        gx[:, :, ::2, ::2].copy_(grad)
-        return gx, None
+        dst = gx[:, :, a::2, a::2]
+        dst.copy_(grad[:, :, : dst.shape[2], : dst.shape[3]])
+        return gx, None, None
+
+
+def phase(x: torch.Tensor, a: int, fmt: torch.memory_format | None = None) -> torch.Tensor:
+    """x[:, :, a::2, a::2] zero-padded to ⌈h/2⌉ × ⌈w/2⌉ (a ∈ {0, 1}), in layout `fmt` (default: x's);
+    its grad comes back in x's layout. A stride-2 1×1 conv of `x` shifted by one pixel (DARTS'
+    FactorizedReduce) is a 1×1 conv of `phase(x, 1)`."""
+    return _Phase.apply(x, a, _format_of(x) if fmt is None else fmt)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -199,17 +250,19 @@ class DepthwiseConv2d(nn.Conv2d):
             return self._conv_forward(x, self.weight, None)
         fmt = _format_of(x)
         if impl == "cl":
-            y = self._conv_forward(_relayout(x, torch.channels_last), self.weight, None)
-            return _relayout(y, fmt)
+            y = self._conv_forward(relayout(x, torch.channels_last), self.weight, None)
+            return relayout(y, fmt)
         # polyphase: one phase of a dilation-2 conv is an undilated conv with the same weight
-        inner = torch.channels_last if impl == "poly_cl" else torch.contiguous_format
-        k = self.kernel_size[0]
+        inner = inner_format(impl)
         if self.stride[0] == 2:
             # output o reads input 2o + 2(j - c) = 2(o + j - c): only the even/even phase matters
-            y = F.conv2d(_EvenPhase.apply(x, inner), self.weight, None, 1, (k - 1) // 2, 1, self.groups)
-            return _relayout(y, fmt)
-        y = F.conv2d(_Phases.apply(x, inner), self.weight, None, 1, (k - 1) // 2, 1, self.groups)
-        return _Unphases.apply(y, x.shape[2], x.shape[3], fmt)
+            return relayout(self.undilated(phase(x, 0, inner)), fmt)
+        return _Unphases.apply(self.undilated(split_phases(x, inner)), x.shape[2], x.shape[3], fmt)
+
+    def undilated(self, xp: torch.Tensor) -> torch.Tensor:
+        """The polyphase variants' inner conv: this weight, dilation 1, stride 1, 'same' padding, run on
+        `split_phases(x)` (stride 1) or `phase(x, 0)` (stride 2)."""
+        return F.conv2d(xp, self.weight, None, 1, (self.kernel_size[0] - 1) // 2, 1, self.groups)
 
 
 # (kernel, dilation, stride) -> variant, from `benchmarks/depthwise_speed.py --all-impls` (2-core AMD EPYC,

@@ -23,7 +23,7 @@ from dnad.cells import (
     stage_taps,
 )
 from dnad.genotype import CellSpec, Genotype
-from dnad.ops import apply_edge, build_op, is_identity
+from dnad.ops import Phased, StateViews, apply_edge, build_op, is_identity
 
 
 def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -59,21 +59,22 @@ class DerivedCell(nn.Module):
         self.edge_scale: dict[str, float] | None = None  # parity tests only: mimic α mixing weights
 
     def forward(self, s_prev: torch.Tensor | None, s_prev2: torch.Tensor | None) -> torch.Tensor:
-        states = self.inputs(s_prev, s_prev2)
-        relu: dict[int, torch.Tensor] = {}  # ReLU(state) computed once, shared by every op starting with it
+        views = StateViews(self.inputs(s_prev, s_prev2))
         for k, node in enumerate(self.spec):
             acc = None
             for i, op in node:
                 key = f"{k + 2}_{i}_{op}"
                 edge = self.edges[key]
-                h = apply_edge(edge, states, i, relu)
+                h = apply_edge(edge, views, i)
+                if isinstance(h, Phased):
+                    h = h.merge()
                 if self.training and not is_identity(edge):
                     h = drop_path(h, self.drop_prob)
                 if self.edge_scale is not None:
                     h = h * self.edge_scale[key]
                 acc = h if acc is None else acc + h
-            states.append(acc)
-        return torch.cat(states[2:], dim=1)
+            views.states.append(acc)
+        return torch.cat(views.states[2:], dim=1)
 
 
 class AuxiliaryHead(nn.Module):

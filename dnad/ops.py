@@ -7,11 +7,21 @@ over it. Depthwise convolutions come from `dnad.fastops` so every op gets the CP
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from dnad.fastops import depthwise_conv
+from dnad.fastops import (
+    depthwise_conv,
+    inner_format,
+    layout_of,
+    merge_phases,
+    phase,
+    reference_active,
+    relayout,
+    split_phases,
+)
 
 OpFactory = Callable[[int, int, int, bool], nn.Module]
 OPS: dict[str, OpFactory] = {}
@@ -75,10 +85,69 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
+class Phased(NamedTuple):
+    """An op's output still in the 2×2 polyphase domain (`fastops.split_phases` of an (h, w) map)."""
+
+    y: torch.Tensor
+    h: int
+    w: int
+    fmt: torch.memory_format  # the layout of the merged map
+
+    def merge(self) -> torch.Tensor:
+        return merge_phases(self.y, self.h, self.w, self.fmt)
+
+
+class StateViews:
+    """A cell's states and what ops derive from them: ReLU(state), its 2×2 polyphase components, its
+    even/odd phase. Each is computed once per state and shared by every op that reads that state, so
+    autograd also sums their grads before the one backward copy."""
+
+    def __init__(self, states: list[torch.Tensor | None]):
+        self.states = states
+        self._memo: dict[tuple, torch.Tensor] = {}
+
+    def _get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def relu(self, i: int) -> torch.Tensor:
+        return self._get(("relu", i), lambda: torch.relu(self.states[i]))
+
+    def phases(self, i: int, fmt: torch.memory_format) -> torch.Tensor:
+        """`split_phases(ReLU(state i))` in layout `fmt`."""
+        return self._get(("phases", i, fmt), lambda: split_phases(self.relu(i), fmt))
+
+    def phase(self, i: int, a: int, fmt: torch.memory_format) -> torch.Tensor:
+        """`phase(ReLU(state i), a)` in layout `fmt`."""
+        return self._get(("phase", i, a, fmt), lambda: phase(self.relu(i), a, fmt))
+
+
 class DilConv(nn.Sequential):
     """ReLU -> depthwise k×k (dilated) -> pointwise 1×1 -> BN."""
 
     starts_with_relu = True
+
+    def from_views(self, views: StateViews, i: int) -> torch.Tensor | Phased:
+        """The op on state i, reusing the cell's shared ReLU and polyphase components.
+
+        A dilated conv running in the polyphase domain keeps going there through the 1×1 conv and BN
+        (both act per pixel; on an even-sized map BN's batch statistics see exactly the map's values)
+        and returns `Phased`: the node's weighted sum interleaves it back for free.
+        """
+        x = views.relu(i)
+        dw = self[1]
+        impl = "plain" if reference_active() or x.dim() != 4 else dw.choose_impl(x)
+        if impl not in ("poly", "poly_cl"):
+            return self.from_relu(x)
+        inner = inner_format(impl)
+        if dw.stride[0] == 2:
+            y = dw.undilated(views.phase(i, 0, inner))
+            return self[3](self[2](relayout(y, layout_of(x))))
+        h, w = x.shape[2], x.shape[3]
+        if h % 2 or w % 2:
+            return self.from_relu(x)
+        return Phased(self[3](self[2](dw.undilated(views.phases(i, inner)))), h, w, layout_of(x))
 
     def from_relu(self, x_relu: torch.Tensor) -> torch.Tensor:
         """The op applied to an input that has already been through ReLU (shared across ops)."""
@@ -119,7 +188,7 @@ class FactorizedReduce(nn.Module):
             raise ValueError(f"FactorizedReduce needs an even C_out, got {C_out}")
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, bias=False)  # runs on the odd/odd phase
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     starts_with_relu = True
@@ -128,10 +197,17 @@ class FactorizedReduce(nn.Module):
         return self.from_relu(self.relu(x))
 
     def from_relu(self, x: torch.Tensor) -> torch.Tensor:
-        # the one-pixel-offset branch is zero-padded at the far edge: identical to DARTS for even
-        # sizes, and it keeps both halves the same size for odd ones (7×7 -> 4×4)
-        b = self.conv_2(nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1)))
-        return self.bn(torch.cat([self.conv_1(x), b], dim=1))
+        # the one-pixel-offset branch, DARTS' conv_2(x[:, :, 1:, 1:]) at stride 2, reads the odd/odd
+        # phase; zero-padded at the far edge: identical to DARTS for even sizes, and both halves keep
+        # the same size for odd ones (7×7 -> 4×4)
+        return self._join(x, phase(x, 1))
+
+    def from_views(self, views: StateViews, i: int) -> torch.Tensor:
+        x = views.relu(i)
+        return self._join(x, views.phase(i, 1, layout_of(x)))
+
+    def _join(self, x: torch.Tensor, x_odd: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x_odd)], dim=1))
 
 
 class Zero(nn.Module):
@@ -203,13 +279,12 @@ def is_identity(op: nn.Module) -> bool:
     return isinstance(op, nn.Identity)
 
 
-def apply_edge(
-    edge: nn.Module, states: list[torch.Tensor], i: int, relu: dict[int, torch.Tensor]
-) -> torch.Tensor:
-    """`edge(states[i])`; an op that starts with ReLU takes ReLU(states[i]) from `relu`, computed once
-    per state and shared by every such op of the cell (same values, one ReLU instead of many)."""
+def apply_edge(edge: nn.Module, views: StateViews, i: int) -> torch.Tensor | Phased:
+    """`edge(views.states[i])`, sharing per-state work across the cell's ops: an op that starts with
+    ReLU takes ReLU(state) (and polyphase components) from `views`, computed once per state. Dilated
+    convs may return `Phased` (see `DilConv.from_views`)."""
+    if hasattr(edge, "from_views"):
+        return edge.from_views(views, i)
     if getattr(edge, "starts_with_relu", False):
-        if i not in relu:
-            relu[i] = torch.relu(states[i])
-        return edge.from_relu(relu[i])
-    return edge(states[i])
+        return edge.from_relu(views.relu(i))
+    return edge(views.states[i])

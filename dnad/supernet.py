@@ -22,8 +22,9 @@ from dnad.cells import (
     run_cells,
     stage_taps,
 )
+from dnad.fastops import PHASE_OFFSETS, layout_of, split_phases_of
 from dnad.genotype import Genotype
-from dnad.ops import apply_edge, build_op, resolve_op_set
+from dnad.ops import Phased, StateViews, apply_edge, build_op, resolve_op_set
 
 DELETED_ALPHA = -1000.0
 SPARSITY_SCALE = 50.0
@@ -65,35 +66,79 @@ def normalise(alpha: torch.Tensor, deleted: torch.Tensor, segments: list[tuple[i
     return torch.cat(outs, dim=1)
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor | None:
+    """t's elements as a flat view in memory order (NCHW or channels_last), or None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)  # a view: this permutation is contiguous
+    return None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ a·b over same-shape tensors without copying either when they share a layout
+    (`reshape(-1)` of a channels_last tensor would copy it)."""
+    fa, fb = _memory_order(a), _memory_order(b)
+    if fa is not None and fb is not None and a.stride() == b.stride():
+        return torch.dot(fa, fb)
+    return (a * b).sum()
+
+
 class WeightedSum(torch.autograd.Function):
     """Σ_k w_k·x_k into one buffer (no per-term temporaries); backward gives w and every x a grad.
 
     Saves memory and bandwidth in the dense super-network: the plain `Σ w_k * x_k` allocates two
-    full-size tensors per term.
+    full-size tensors per term. The last terms may be in the 2×2 polyphase domain (`Phased` op
+    outputs, `geometry` = the merged map's (h, w, layout)): they are added phase by phase into strided
+    views of the sum, which interleaves them back without a copy; their grads are one split of the
+    sum's grad, shared by all of them.
     """
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, *xs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, w: torch.Tensor, n_plain: int, geometry: tuple | None, *xs: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(w, *xs)
-        out = xs[0] * w[0]
-        for k in range(1, len(xs)):
-            out.addcmul_(xs[k], w[k])
+        ctx.n_plain, ctx.geometry = n_plain, geometry
+        if n_plain:
+            out = xs[0] * w[0]
+            for k in range(1, n_plain):
+                out.addcmul_(xs[k], w[k])
+        else:
+            h, wd, fmt = geometry
+            y = xs[0]
+            shape = (y.shape[0] // 4, y.shape[1], h, wd)
+            out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt).zero_()
+        for k in range(n_plain, len(xs)):
+            y, n = xs[k], xs[k].shape[0] // 4
+            for q, (a, b) in enumerate(PHASE_OFFSETS):
+                out[:, :, a::2, b::2].addcmul_(y[q * n : (q + 1) * n], w[k])
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         w, *xs = ctx.saved_tensors
-        g_flat = g.reshape(-1)
+        n_plain = ctx.n_plain
+        gp = split_phases_of(g, layout_of(xs[n_plain])) if n_plain < len(xs) else None
         grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_w = torch.stack([torch.dot(g_flat, x.reshape(-1)) for x in xs]).to(w.dtype)
-        grads = [g * w[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(xs))]
-        return (grad_w, *grads)
+            grad_w = torch.stack([_dot(g if k < n_plain else gp, x) for k, x in enumerate(xs)]).to(w.dtype)
+        grads = [
+            (g if k < n_plain else gp) * w[k] if ctx.needs_input_grad[k + 3] else None for k in range(len(xs))
+        ]
+        return (grad_w, None, None, *grads)
 
 
-def weighted_sum(w: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_k w[k]·xs[k] for (K,) weights and K same-shape tensors."""
-    return WeightedSum.apply(w, *xs)
+def weighted_sum(w: torch.Tensor, xs: list[torch.Tensor | Phased]) -> torch.Tensor:
+    """Σ_k w[k]·xs[k] for (K,) weights and K same-shape maps, some of which may be `Phased`."""
+    plain = [k for k, x in enumerate(xs) if not isinstance(x, Phased)]
+    phased = [k for k, x in enumerate(xs) if isinstance(x, Phased)]
+    if not phased:
+        return WeightedSum.apply(w, len(xs), None, *xs)
+    p0 = xs[phased[0]]
+    order = plain + phased
+    tensors = [xs[k].y if isinstance(xs[k], Phased) else xs[k] for k in order]
+    return WeightedSum.apply(w[order], len(plain), (p0.h, p0.w, p0.fmt), *tensors)
 
 
 class MixedCell(nn.Module):
@@ -129,17 +174,16 @@ class MixedCell(nn.Module):
     ) -> torch.Tensor:
         """s_*: (N, C_prev*, H, W); w: (pairs,) mixing weights; alive: which pairs to compute."""
         r0, r1 = self.reads(alive)
-        states = self.inputs(s_prev if r0 else None, s_prev2 if r1 else None)
-        relu: dict[int, torch.Tensor] = {}  # ReLU(state) computed once, shared by every op starting with it
+        views = StateViews(self.inputs(s_prev if r0 else None, s_prev2 if r1 else None))
         for row in self.pairs:
             cols, outs = [], []
             for col, i, key in row:
                 if not alive[col]:
                     continue
-                outs.append(apply_edge(self.edges[key], states, i, relu))
+                outs.append(apply_edge(self.edges[key], views, i))
                 cols.append(col)
-            states.append(weighted_sum(w[cols], outs))
-        return torch.cat(states[2:], dim=1)
+            views.states.append(weighted_sum(w[cols], outs))
+        return torch.cat(views.states[2:], dim=1)
 
 
 class SuperNet(nn.Module):

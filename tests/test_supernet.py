@@ -170,11 +170,77 @@ def test_parity_supernet_vs_derived_network():
     assert math.isclose(sum(len(n) for cell in g.cells for n in cell), net.alive_pairs())
 
 
-def test_weighted_sum_matches_plain_sum_values_and_grads():
+@pytest.mark.parametrize("layouts", ["nchw", "channels_last", "mixed"])
+def test_weighted_sum_matches_plain_sum_values_and_grads(layouts):
     from dnad.supernet import weighted_sum
 
+    def make(k):
+        t = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+        if layouts == "channels_last" or (layouts == "mixed" and k == 1):
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.requires_grad_()
+
     w = torch.rand(3, dtype=torch.float64, requires_grad=True)
-    xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    xs = [make(k) for k in range(3)]
     assert torch.autograd.gradcheck(lambda w, *xs: weighted_sum(w, list(xs)), (w, *xs))
     plain = sum(w[k] * xs[k] for k in range(3))
     assert torch.allclose(weighted_sum(w, xs), plain)
+
+
+@pytest.mark.parametrize("n_plain", [0, 2])
+def test_weighted_sum_with_phased_terms_matches_merged_sum(n_plain):
+    from dnad.fastops import merge_phases, split_phases
+    from dnad.ops import Phased
+    from dnad.supernet import weighted_sum
+
+    cl = torch.channels_last
+    w = torch.rand(n_plain + 2, dtype=torch.float64, requires_grad=True)
+    plain = [
+        torch.randn(2, 3, 6, 4, dtype=torch.float64).contiguous(memory_format=cl) for _ in range(n_plain)
+    ]
+    phased = [split_phases(torch.randn(2, 3, 6, 4, dtype=torch.float64), cl) for _ in range(2)]
+    leaves = [t.requires_grad_() for t in plain + phased]
+
+    def fast(w, *ts):  # phased terms first: the sum must reorder them after the plain ones
+        terms = [Phased(t, 6, 4, cl) for t in ts[n_plain:]] + list(ts[:n_plain])
+        return weighted_sum(torch.cat([w[n_plain:], w[:n_plain]]), terms)
+
+    def reference(w, *ts):
+        merged = list(ts[:n_plain]) + [merge_phases(t, 6, 4, cl) for t in ts[n_plain:]]
+        return sum(w[k] * merged[k] for k in range(len(merged)))
+
+    assert torch.allclose(fast(w, *leaves), reference(w, *leaves))
+    assert fast(w, *leaves).is_contiguous(memory_format=cl)
+    assert torch.autograd.gradcheck(fast, (w, *leaves))
+
+
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_supernet_fast_paths_match_plain_kernels(size, layout):
+    """Shared ReLU/phase views, phase-domain dilated convs + BN and the fused merge against plain
+    `F.conv2d` ops (`reference_kernels`): same logits and same grads for inputs, weights and α, in
+    training mode (BN batch statistics), on even maps (phase domain) and odd ones (fallback)."""
+    from dnad.fastops import reference_kernels
+
+    torch.manual_seed(0)
+    net = SuperNet(C=4, num_cells=3, num_classes=5, in_channels=3, image_size=size).double()
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    if layout == "channels_last":
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+
+    def run():
+        net.zero_grad(set_to_none=True)
+        x.grad = None
+        logits = net(x)
+        (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)).sum().backward()
+        return logits.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    fast = run()
+    with reference_kernels():
+        ref = run()
+    assert torch.allclose(fast[0], ref[0], atol=1e-10)
+    assert torch.allclose(fast[1], ref[1], atol=1e-10)
+    assert fast[2].keys() == ref[2].keys()
+    for name in fast[2]:
+        assert torch.allclose(fast[2][name], ref[2][name], atol=1e-9), name
