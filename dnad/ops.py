@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dnad.fastops import (
@@ -85,6 +86,21 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
+def scaled_bn(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`bn(x) * scale` for a 0-d `scale` (a super-network mixing weight) in one BN call.
+
+    For a non-affine BN the scale rides in as BN's per-channel weight: the backward then needs no
+    extra pass over the map (no `grad * w` tensor, no dot product for d/dw: BN's own weight grad sums
+    to it). Running statistics are updated exactly as `bn(x)` would.
+    """
+    if bn.affine or bn.momentum is None or not bn.track_running_stats:
+        return bn(x) * scale
+    if bn.training:
+        bn.num_batches_tracked.add_(1)
+    weight = scale.expand(bn.num_features).contiguous()
+    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, None, bn.training, bn.momentum, bn.eps)
+
+
 class Phased(NamedTuple):
     """An op's output still in the 2×2 polyphase domain (`fastops.split_phases` of an (h, w) map)."""
 
@@ -128,8 +144,13 @@ class DilConv(nn.Sequential):
 
     starts_with_relu = True
 
-    def from_views(self, views: StateViews, i: int) -> torch.Tensor | Phased:
-        """The op on state i, reusing the cell's shared ReLU and polyphase components.
+    takes_scale = True
+
+    def from_views(
+        self, views: StateViews, i: int, scale: torch.Tensor | None = None
+    ) -> torch.Tensor | Phased:
+        """The op on state i (times `scale`, see `scaled_bn`), reusing the cell's shared ReLU and
+        polyphase components.
 
         A dilated conv running in the polyphase domain keeps going there through the 1×1 conv and BN
         (both act per pixel; on an even-sized map BN's batch statistics see exactly the map's values)
@@ -139,21 +160,24 @@ class DilConv(nn.Sequential):
         dw = self[1]
         impl = "plain" if reference_active() or x.dim() != 4 else dw.choose_impl(x)
         if impl not in ("poly", "poly_cl"):
-            return self.from_relu(x)
+            return self.from_relu(x, scale)
         inner = inner_format(impl)
         if dw.stride[0] == 2:
             y = dw.undilated(views.phase(i, 0, inner))
-            return self[3](self[2](relayout(y, layout_of(x))))
+            return self._tail(relayout(y, layout_of(x)), scale)
         h, w = x.shape[2], x.shape[3]
         if h % 2 or w % 2:
-            return self.from_relu(x)
-        return Phased(self[3](self[2](dw.undilated(views.phases(i, inner)))), h, w, layout_of(x))
+            return self.from_relu(x, scale)
+        return Phased(self._tail(dw.undilated(views.phases(i, inner)), scale), h, w, layout_of(x))
 
-    def from_relu(self, x_relu: torch.Tensor) -> torch.Tensor:
+    def from_relu(self, x_relu: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """The op applied to an input that has already been through ReLU (shared across ops)."""
-        for m in list(self)[1:]:
-            x_relu = m(x_relu)
-        return x_relu
+        return self._tail(self[1](x_relu), scale)
+
+    def _tail(self, y: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """1×1 conv -> BN (times `scale`)."""
+        y = self[2](y)
+        return self[3](y) if scale is None else scaled_bn(self[3], y, scale)
 
     def __init__(self, C_in: int, C_out: int, k: int, stride: int, dilation: int, affine: bool = True):
         super().__init__(
@@ -168,9 +192,11 @@ class SepConv(nn.Sequential):
     """DARTS separable conv: (ReLU -> dw k×k -> pw -> BN) twice; stride on the first half."""
 
     starts_with_relu = True
+    takes_scale = True
 
-    def from_relu(self, x_relu: torch.Tensor) -> torch.Tensor:
-        return self[1](self[0].from_relu(x_relu))
+    def from_relu(self, x_relu: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        # the middle ReLU may work in place: BN's backward needs its input, not its output
+        return self[1].from_relu(torch.relu_(self[0].from_relu(x_relu)), scale)
 
     def __init__(self, C_in: int, C_out: int, k: int, stride: int, affine: bool = True):
         super().__init__(
@@ -202,12 +228,15 @@ class FactorizedReduce(nn.Module):
         # the same size for odd ones (7×7 -> 4×4)
         return self._join(x, phase(x, 1))
 
-    def from_views(self, views: StateViews, i: int) -> torch.Tensor:
-        x = views.relu(i)
-        return self._join(x, views.phase(i, 1, layout_of(x)))
+    takes_scale = True
 
-    def _join(self, x: torch.Tensor, x_odd: torch.Tensor) -> torch.Tensor:
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x_odd)], dim=1))
+    def from_views(self, views: StateViews, i: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        x = views.relu(i)
+        return self._join(x, views.phase(i, 1, layout_of(x)), scale)
+
+    def _join(self, x: torch.Tensor, x_odd: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.cat([self.conv_1(x), self.conv_2(x_odd)], dim=1)
+        return self.bn(y) if scale is None else scaled_bn(self.bn, y, scale)
 
 
 class Zero(nn.Module):
@@ -279,12 +308,18 @@ def is_identity(op: nn.Module) -> bool:
     return isinstance(op, nn.Identity)
 
 
-def apply_edge(edge: nn.Module, views: StateViews, i: int) -> torch.Tensor | Phased:
-    """`edge(views.states[i])`, sharing per-state work across the cell's ops: an op that starts with
-    ReLU takes ReLU(state) (and polyphase components) from `views`, computed once per state. Dilated
-    convs may return `Phased` (see `DilConv.from_views`)."""
+def apply_edge(
+    edge: nn.Module, views: StateViews, i: int, scale: torch.Tensor | None = None
+) -> torch.Tensor | Phased:
+    """`edge(views.states[i])` (times `scale`; only for edges with `takes_scale`), sharing per-state
+    work across the cell's ops: an op that starts with ReLU takes ReLU(state) (and polyphase
+    components) from `views`, computed once per state. Dilated convs may return `Phased` (see
+    `DilConv.from_views`)."""
+    if scale is not None and not getattr(edge, "takes_scale", False):
+        raise ValueError(f"{type(edge).__name__} cannot fold a scale into its output")
+    extra = () if scale is None else (scale,)
     if hasattr(edge, "from_views"):
-        return edge.from_views(views, i)
+        return edge.from_views(views, i, *extra)
     if getattr(edge, "starts_with_relu", False):
-        return edge.from_relu(views.relu(i))
+        return edge.from_relu(views.relu(i), *extra)
     return edge(views.states[i])

@@ -88,57 +88,88 @@ class WeightedSum(torch.autograd.Function):
     """Σ_k w_k·x_k into one buffer (no per-term temporaries); backward gives w and every x a grad.
 
     Saves memory and bandwidth in the dense super-network: the plain `Σ w_k * x_k` allocates two
-    full-size tensors per term. The last terms may be in the 2×2 polyphase domain (`Phased` op
-    outputs, `geometry` = the merged map's (h, w, layout)): they are added phase by phase into strided
-    views of the sum, which interleaves them back without a copy; their grads are one split of the
-    sum's grad, shared by all of them.
+    full-size tensors per term. Terms flagged `prescaled` already carry their weight (folded into the
+    op's last BN, `ops.scaled_bn`): they are added as they are, get the sum's grad itself (no copy)
+    and are not kept for the backward. The last terms may be in the 2×2 polyphase domain (`Phased`
+    op outputs, `geometry` = the merged map's (h, w, layout)): they are added phase by phase into
+    strided views of the sum, which interleaves them back without a copy; their grads come from one
+    split of the sum's grad, shared by all of them.
     """
 
     @staticmethod
     def forward(
-        ctx, w: torch.Tensor, n_plain: int, geometry: tuple | None, *xs: torch.Tensor
+        ctx,
+        w: torch.Tensor,
+        n_plain: int,
+        prescaled: tuple[bool, ...],
+        geometry: tuple | None,
+        *xs: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.save_for_backward(w, *xs)
-        ctx.n_plain, ctx.geometry = n_plain, geometry
-        if n_plain:
-            out = xs[0] * w[0]
-            for k in range(1, n_plain):
-                out.addcmul_(xs[k], w[k])
-        else:
+        ctx.n_plain, ctx.prescaled, ctx.n_terms = n_plain, prescaled, len(xs)
+        ctx.phase_format = layout_of(xs[n_plain]) if n_plain < len(xs) else None
+        ctx.save_for_backward(w, *[x for x, pre in zip(xs, prescaled) if not pre])
+        out = None
+        for k in range(n_plain):
+            x = xs[k]
+            if out is None:
+                out = x.clone() if prescaled[k] else x * w[k]
+            elif prescaled[k]:
+                out.add_(x)
+            else:
+                out.addcmul_(x, w[k])
+        if out is None:
             h, wd, fmt = geometry
-            y = xs[0]
-            shape = (y.shape[0] // 4, y.shape[1], h, wd)
-            out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt).zero_()
+            shape = (xs[0].shape[0] // 4, xs[0].shape[1], h, wd)
+            out = torch.empty(shape, dtype=xs[0].dtype, device=xs[0].device, memory_format=fmt).zero_()
         for k in range(n_plain, len(xs)):
             y, n = xs[k], xs[k].shape[0] // 4
             for q, (a, b) in enumerate(PHASE_OFFSETS):
-                out[:, :, a::2, b::2].addcmul_(y[q * n : (q + 1) * n], w[k])
+                dst, src = out[:, :, a::2, b::2], y[q * n : (q + 1) * n]
+                if prescaled[k]:
+                    dst.add_(src)
+                else:
+                    dst.addcmul_(src, w[k])
+        ctx.out_format = layout_of(out)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        w, *xs = ctx.saved_tensors
-        n_plain = ctx.n_plain
-        gp = split_phases_of(g, layout_of(xs[n_plain])) if n_plain < len(xs) else None
-        grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_w = torch.stack([_dot(g if k < n_plain else gp, x) for k, x in enumerate(xs)]).to(w.dtype)
-        grads = [
-            (g if k < n_plain else gp) * w[k] if ctx.needs_input_grad[k + 3] else None for k in range(len(xs))
-        ]
-        return (grad_w, None, None, *grads)
+        w, *kept = ctx.saved_tensors
+        n_plain, prescaled = ctx.n_plain, ctx.prescaled
+        # the node's grad usually arrives as a channel slice of the cell output's grad (cat backward);
+        # one dense copy here, or every op's backward below reads a strided view (BN's is 2x slower)
+        g = g.contiguous(memory_format=ctx.out_format)
+        gp = split_phases_of(g, ctx.phase_format) if n_plain < ctx.n_terms else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[0] else None
+        grads, j = [], 0
+        for k in range(ctx.n_terms):
+            gk = g if k < n_plain else gp
+            if prescaled[k]:
+                grads.append(gk if ctx.needs_input_grad[k + 4] else None)
+                continue
+            x = kept[j]
+            j += 1
+            if grad_w is not None:
+                grad_w[k] = _dot(gk, x)
+            grads.append(gk * w[k] if ctx.needs_input_grad[k + 4] else None)
+        return (grad_w, None, None, None, *grads)
 
 
-def weighted_sum(w: torch.Tensor, xs: list[torch.Tensor | Phased]) -> torch.Tensor:
-    """Σ_k w[k]·xs[k] for (K,) weights and K same-shape maps, some of which may be `Phased`."""
+def weighted_sum(
+    w: torch.Tensor, xs: list[torch.Tensor | Phased], prescaled: list[bool] | None = None
+) -> torch.Tensor:
+    """Σ_k w[k]·xs[k] for (K,) weights and K same-shape maps, some of which may be `Phased`.
+
+    `prescaled[k]`: xs[k] already includes its weight (w[k] is then not used and gets no grad here).
+    """
+    pre = [False] * len(xs) if prescaled is None else list(prescaled)
     plain = [k for k, x in enumerate(xs) if not isinstance(x, Phased)]
     phased = [k for k, x in enumerate(xs) if isinstance(x, Phased)]
-    if not phased:
-        return WeightedSum.apply(w, len(xs), None, *xs)
-    p0 = xs[phased[0]]
     order = plain + phased
+    geometry = (xs[phased[0]].h, xs[phased[0]].w, xs[phased[0]].fmt) if phased else None
     tensors = [xs[k].y if isinstance(xs[k], Phased) else xs[k] for k in order]
-    return WeightedSum.apply(w[order], len(plain), (p0.h, p0.w, p0.fmt), *tensors)
+    w_ordered = w if not phased else w[order]
+    return WeightedSum.apply(w_ordered, len(plain), tuple(pre[k] for k in order), geometry, *tensors)
 
 
 class MixedCell(nn.Module):
@@ -176,13 +207,17 @@ class MixedCell(nn.Module):
         r0, r1 = self.reads(alive)
         views = StateViews(self.inputs(s_prev if r0 else None, s_prev2 if r1 else None))
         for row in self.pairs:
-            cols, outs = [], []
+            cols, outs, pre = [], [], []
             for col, i, key in row:
                 if not alive[col]:
                     continue
-                outs.append(apply_edge(self.edges[key], views, i))
+                edge = self.edges[key]
+                # an op ending in a non-affine BN takes its mixing weight inside that BN
+                scaled = getattr(edge, "takes_scale", False)
+                outs.append(apply_edge(edge, views, i, w[col] if scaled else None))
                 cols.append(col)
-            views.states.append(weighted_sum(w[cols], outs))
+                pre.append(scaled)
+            views.states.append(weighted_sum(w[cols], outs, pre))
         return torch.cat(views.states[2:], dim=1)
 
 

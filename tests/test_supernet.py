@@ -84,8 +84,10 @@ def count_calls(net):
 
     for cell in net.cells:
         for edge in cell.edges.values():
-            # the op's last module runs exactly once per computed pair (the leading ReLU may be shared)
-            list(edge.modules())[-1].register_forward_hook(hook)
+            # the op's last module that is not a BN runs exactly once per computed pair (the leading
+            # ReLU may be shared; the final BN may run as a functional call with the mixing weight)
+            mods = [m for m in edge.modules() if not isinstance(m, torch.nn.BatchNorm2d)]
+            mods[-1].register_forward_hook(hook)
     return calls
 
 
@@ -187,8 +189,9 @@ def test_weighted_sum_matches_plain_sum_values_and_grads(layouts):
     assert torch.allclose(weighted_sum(w, xs), plain)
 
 
+@pytest.mark.parametrize("prescale", [False, True])
 @pytest.mark.parametrize("n_plain", [0, 2])
-def test_weighted_sum_with_phased_terms_matches_merged_sum(n_plain):
+def test_weighted_sum_with_phased_terms_matches_merged_sum(n_plain, prescale):
     from dnad.fastops import merge_phases, split_phases
     from dnad.ops import Phased
     from dnad.supernet import weighted_sum
@@ -203,7 +206,17 @@ def test_weighted_sum_with_phased_terms_matches_merged_sum(n_plain):
 
     def fast(w, *ts):  # phased terms first: the sum must reorder them after the plain ones
         terms = [Phased(t, 6, 4, cl) for t in ts[n_plain:]] + list(ts[:n_plain])
-        return weighted_sum(torch.cat([w[n_plain:], w[:n_plain]]), terms)
+        w_terms = torch.cat([w[n_plain:], w[:n_plain]])
+        if not prescale:
+            return weighted_sum(w_terms, terms)
+        # every other term carries its weight already (as an op with the weight folded into its BN)
+        pre = [k % 2 == 0 for k in range(len(terms))]
+        terms = [w_terms[k] * t if pre[k] and not isinstance(t, Phased) else t for k, t in enumerate(terms)]
+        terms = [
+            Phased(w_terms[k] * t.y, 6, 4, cl) if pre[k] and isinstance(t, Phased) else t
+            for k, t in enumerate(terms)
+        ]
+        return weighted_sum(w_terms, terms, pre)
 
     def reference(w, *ts):
         merged = list(ts[:n_plain]) + [merge_phases(t, 6, 4, cl) for t in ts[n_plain:]]
@@ -214,33 +227,49 @@ def test_weighted_sum_with_phased_terms_matches_merged_sum(n_plain):
     assert torch.autograd.gradcheck(fast, (w, *leaves))
 
 
+def naive_cell_forward(cell, s_prev, s_prev2, w, alive):
+    """A mixed cell the textbook way: every alive op's own forward, Σ w·op(state)."""
+    states = cell.inputs(s_prev, s_prev2)
+    for row in cell.pairs:
+        states.append(sum(w[col] * cell.edges[key](states[i]) for col, i, key in row if alive[col]))
+    return torch.cat(states[2:], dim=1)
+
+
 @pytest.mark.parametrize("size", [8, 7])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_supernet_fast_paths_match_plain_kernels(size, layout):
-    """Shared ReLU/phase views, phase-domain dilated convs + BN and the fused merge against plain
-    `F.conv2d` ops (`reference_kernels`): same logits and same grads for inputs, weights and α, in
-    training mode (BN batch statistics), on even maps (phase domain) and odd ones (fallback)."""
+def test_supernet_fast_paths_match_textbook_forward(size, layout, monkeypatch):
+    """Shared ReLU/phase views, phase-domain dilated convs + BN, the copy-free merge and mixing
+    weights folded into BN against each op's own forward with plain `F.conv2d` kernels and
+    Σ w·op(x): same logits, same grads for inputs, weights and α, same BN running statistics, in
+    training mode, on even maps (phase domain) and odd ones (fallback)."""
+    import copy
+
     from dnad.fastops import reference_kernels
+    from dnad.supernet import MixedCell
 
     torch.manual_seed(0)
     net = SuperNet(C=4, num_cells=3, num_classes=5, in_channels=3, image_size=size).double()
+    with torch.no_grad():
+        net.alpha.add_(torch.rand_like(net.alpha))  # distinct mixing weights
     x = torch.randn(3, 3, size, size, dtype=torch.float64)
     if layout == "channels_last":
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
 
-    def run():
-        net.zero_grad(set_to_none=True)
-        x.grad = None
-        logits = net(x)
+    def run(model):
+        xi = x.clone().requires_grad_()
+        logits = model(xi)
         (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)).sum().backward()
-        return logits.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in net.named_parameters()}
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return logits.detach(), xi.grad, grads, dict(model.named_buffers())
 
-    fast = run()
-    with reference_kernels():
-        ref = run()
+    fast = run(copy.deepcopy(net))
+    with reference_kernels(), monkeypatch.context() as m:
+        m.setattr(MixedCell, "forward", naive_cell_forward)
+        ref = run(copy.deepcopy(net))
     assert torch.allclose(fast[0], ref[0], atol=1e-10)
     assert torch.allclose(fast[1], ref[1], atol=1e-10)
     assert fast[2].keys() == ref[2].keys()
     for name in fast[2]:
         assert torch.allclose(fast[2][name], ref[2][name], atol=1e-9), name
+    for name in fast[3]:
+        assert torch.equal(fast[3][name], ref[3][name]) or torch.allclose(fast[3][name], ref[3][name]), name
