@@ -93,7 +93,8 @@ def scaled_bn(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor) -> torch
     extra pass over the map (no `grad * w` tensor, no dot product for d/dw: BN's own weight grad sums
     to it). Running statistics are updated exactly as `bn(x)` would.
     """
-    if bn.affine or bn.momentum is None or not bn.track_running_stats:
+    plain = type(bn) is not nn.BatchNorm2d or bn._forward_hooks or bn._forward_pre_hooks  # e.g. SyncBatchNorm
+    if plain or bn.affine or bn.momentum is None or not bn.track_running_stats:
         return bn(x) * scale
     if bn.training:
         bn.num_batches_tracked.add_(1)

@@ -167,6 +167,10 @@ def weighted_sum(
     phased = [k for k, x in enumerate(xs) if isinstance(x, Phased)]
     order = plain + phased
     geometry = (xs[phased[0]].h, xs[phased[0]].w, xs[phased[0]].fmt) if phased else None
+    if phased and (geometry[0] % 2 or geometry[1] % 2):
+        raise ValueError(
+            f"Phased terms need an even-sized map (got {geometry[0]}x{geometry[1]}): merge them first"
+        )
     tensors = [xs[k].y if isinstance(xs[k], Phased) else xs[k] for k in order]
     w_ordered = w if not phased else w[order]
     return WeightedSum.apply(w_ordered, len(plain), tuple(pre[k] for k in order), geometry, *tensors)

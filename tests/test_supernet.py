@@ -273,3 +273,13 @@ def test_supernet_fast_paths_match_textbook_forward(size, layout, monkeypatch):
         assert torch.allclose(fast[2][name], ref[2][name], atol=1e-9), name
     for name in fast[3]:
         assert torch.equal(fast[3][name], ref[3][name]) or torch.allclose(fast[3][name], ref[3][name]), name
+
+
+def test_weighted_sum_refuses_phased_terms_of_an_odd_map():
+    from dnad.fastops import split_phases
+    from dnad.ops import Phased
+    from dnad.supernet import weighted_sum
+
+    y = split_phases(torch.randn(2, 3, 7, 7), torch.contiguous_format)
+    with pytest.raises(ValueError, match="even-sized"):
+        weighted_sum(torch.ones(1), [Phased(y, 7, 7, torch.contiguous_format)])
