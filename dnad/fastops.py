@@ -60,7 +60,8 @@ def reference_kernels() -> Iterator[None]:
             _reference_depth -= 1
 
 
-def _format_of(x: torch.Tensor) -> torch.memory_format:
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if `x` is stored that way (and not also plain-contiguous), else contiguous."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -75,7 +76,7 @@ class _Relayout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-        ctx.fmt_in = _format_of(x)
+        ctx.fmt_in = layout_of(x)
         return x.contiguous(memory_format=fmt)
 
     @staticmethod
@@ -98,9 +99,10 @@ def _phase_slices(size: int) -> tuple[int, int]:
     return (size + 1) // 2, size // 2
 
 
-def _split_phases(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+def split_phases_of(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """(n, c, h, w) -> (4n, c, ⌈h/2⌉, ⌈w/2⌉): the 2×2 polyphase components stacked along the batch
-    (even/even, even/odd, odd/even, odd/odd), zero-padded where an odd size leaves a phase short."""
+    (even/even, even/odd, odd/even, odd/odd), zero-padded where an odd size leaves a phase short.
+    Not differentiable (custom backward passes use it); `split_phases` is."""
     n, c, h, w = x.shape
     hs, ws = _phase_slices(h), _phase_slices(w)
     out = torch.empty((4 * n, c, hs[0], ws[0]), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -113,7 +115,7 @@ def _split_phases(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
 
 
 def _merge_phases(y: torch.Tensor, h: int, w: int, fmt: torch.memory_format) -> torch.Tensor:
-    """Inverse of `_split_phases` for an output of size (h, w): interleave the four phases back."""
+    """Inverse of `split_phases_of` for an output of size (h, w): interleave the four phases back."""
     n = y.shape[0] // 4
     hs, ws = _phase_slices(h), _phase_slices(w)
     out = torch.empty((n, y.shape[1], h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
@@ -122,32 +124,22 @@ def _merge_phases(y: torch.Tensor, h: int, w: int, fmt: torch.memory_format) -> 
     return out
 
 
-def layout_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last if `x` is stored that way (and not also plain-contiguous), else contiguous."""
-    return _format_of(x)
-
-
 def inner_format(impl: Impl) -> torch.memory_format:
     """The layout a polyphase variant runs its undilated conv in."""
     return torch.channels_last if impl == "poly_cl" else torch.contiguous_format
 
 
 class _Phases(torch.autograd.Function):
-    """`_split_phases` with a one-copy backward (autograd's own would copy twice via reshapes)."""
+    """`split_phases_of` with a one-copy backward (autograd's own would copy twice via reshapes)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-        ctx.shape, ctx.fmt_in = x.shape, _format_of(x)
-        return _split_phases(x, fmt)
+        ctx.shape, ctx.fmt_in = x.shape, layout_of(x)
+        return split_phases_of(x, fmt)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _merge_phases(grad, ctx.shape[2], ctx.shape[3], ctx.fmt_in), None
-
-
-def split_phases_of(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """`split_phases` outside autograd (for custom backward passes)."""
-    return _split_phases(x, fmt)
 
 
 def split_phases(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
@@ -166,12 +158,12 @@ class _Unphases(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, h: int, w: int, fmt: torch.memory_format) -> torch.Tensor:
-        ctx.fmt_in = _format_of(y)
+        ctx.fmt_in = layout_of(y)
         return _merge_phases(y, h, w, fmt)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return _split_phases(grad, ctx.fmt_in), None, None, None
+        return split_phases_of(grad, ctx.fmt_in), None, None, None
 
 
 class _Phase(torch.autograd.Function):
@@ -184,7 +176,7 @@ class _Phase(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: int, fmt: torch.memory_format) -> torch.Tensor:
-        ctx.shape, ctx.fmt_in, ctx.a = x.shape, _format_of(x), a
+        ctx.shape, ctx.fmt_in, ctx.a = x.shape, layout_of(x), a
         n, c, h, w = x.shape
         src = x[:, :, a::2, a::2]
         hs, ws = _phase_slices(h)[0], _phase_slices(w)[0]
@@ -207,7 +199,7 @@ def phase(x: torch.Tensor, a: int, fmt: torch.memory_format | None = None) -> to
     """x[:, :, a::2, a::2] zero-padded to ⌈h/2⌉ × ⌈w/2⌉ (a ∈ {0, 1}), in layout `fmt` (default: x's);
     its grad comes back in x's layout. A stride-2 1×1 conv of `x` shifted by one pixel (DARTS'
     FactorizedReduce) is a 1×1 conv of `phase(x, 1)`."""
-    return _Phase.apply(x, a, _format_of(x) if fmt is None else fmt)
+    return _Phase.apply(x, a, layout_of(x) if fmt is None else fmt)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -244,11 +236,16 @@ class DepthwiseConv2d(nn.Conv2d):
             return "plain"  # oneDNN's NCHW 3×3 kernel wins on small maps
         return _TABLE.get(key, "plain")
 
+    def active_impl(self, x: torch.Tensor) -> Impl:
+        """The variant `forward` runs for `x` now: `choose_impl`, or plain inside `reference_kernels()`
+        and for non-4-D input."""
+        return "plain" if reference_active() or x.dim() != 4 else self.choose_impl(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        impl = "plain" if reference_active() or x.dim() != 4 else self.choose_impl(x)
+        impl = self.active_impl(x)
         if impl == "plain":
             return self._conv_forward(x, self.weight, None)
-        fmt = _format_of(x)
+        fmt = layout_of(x)
         if impl == "cl":
             y = self._conv_forward(relayout(x, torch.channels_last), self.weight, None)
             return relayout(y, fmt)

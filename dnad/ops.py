@@ -19,7 +19,6 @@ from dnad.fastops import (
     layout_of,
     merge_phases,
     phase,
-    reference_active,
     relayout,
     split_phases,
 )
@@ -144,7 +143,6 @@ class DilConv(nn.Sequential):
     """ReLU -> depthwise k×k (dilated) -> pointwise 1×1 -> BN."""
 
     starts_with_relu = True
-
     takes_scale = True
 
     def from_views(
@@ -159,7 +157,7 @@ class DilConv(nn.Sequential):
         """
         x = views.relu(i)
         dw = self[1]
-        impl = "plain" if reference_active() or x.dim() != 4 else dw.choose_impl(x)
+        impl = dw.active_impl(x)
         if impl not in ("poly", "poly_cl"):
             return self.from_relu(x, scale)
         inner = inner_format(impl)
@@ -219,6 +217,7 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     starts_with_relu = True
+    takes_scale = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_relu(self.relu(x))
@@ -228,8 +227,6 @@ class FactorizedReduce(nn.Module):
         # phase; zero-padded at the far edge: identical to DARTS for even sizes, and both halves keep
         # the same size for odd ones (7×7 -> 4×4)
         return self._join(x, phase(x, 1))
-
-    takes_scale = True
 
     def from_views(self, views: StateViews, i: int, scale: torch.Tensor | None = None) -> torch.Tensor:
         x = views.relu(i)
