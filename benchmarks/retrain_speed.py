@@ -37,7 +37,7 @@ def measure(genotype: Genotype, a: argparse.Namespace, mode: str) -> dict:
     torch.manual_seed(0)
     model = build_model(genotype, a.C, 10, a.channels, a.size, auxiliary=a.auxiliary > 0)
     cfg = RetrainConfig(C=a.C, epochs=a.epochs, batch_size=a.batch, optimizer=a.optimizer, lr=1e-3,
-                        auxiliary_weight=a.auxiliary, drop_path=0.0, cuda_graph=mode, test_every=0)  # fmt: skip
+                        auxiliary_weight=a.auxiliary, drop_path=0.0, cuda_graph=mode, eval_every=0)  # fmt: skip
     loop = RetrainLoop(cfg, model, data, a.device)
     times: list[float] = []
     orig = loop._step

@@ -40,8 +40,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def file_mode(directory: bool = False) -> int:
+    """The mode a plainly created file (or folder) gets under the current umask (mkstemp's files are
+    0600, mkdtemp's folders 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix. The file
+    gets the permissions of a plainly created one (umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,6 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -111,7 +121,8 @@ def unflatten_state(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # -- checkpoint folders -----------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -140,7 +151,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path / "tensors.safetensors")
         atomic_write_text(path / "state.json", json.dumps(skel))
-        files = {n: _sha256(path / n) for n in ("tensors.safetensors", "state.json")}
+        files = {n: sha256_file(path / n) for n in ("tensors.safetensors", "state.json")}
         atomic_write_text(path / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
     except BaseException as e:
         shutil.rmtree(path, ignore_errors=True)
@@ -161,7 +172,7 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{path}: missing or unreadable manifest ({e.__class__.__name__})") from e
     for name, digest in files.items():
         f = path / name
-        if not f.is_file() or _sha256(f) != digest:
+        if not f.is_file() or sha256_file(f) != digest:
             raise CheckpointError(f"{path / name}: hash mismatch or missing (truncated or corrupt write)")
 
 

@@ -25,7 +25,11 @@ class DataConfig(Strict):
     dataset: DatasetName = "fashion_mnist"
     root: str | None = Field(None, description="dataset folder; None = the dataset's default location")
     train_subset: int | None = Field(None, ge=1, description="use only this many training images")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held out of train for validation")
+    val_size: int | float = Field(
+        0.1,
+        description="validation images held out of the training split before any subset is taken: a "
+        "fraction (0 < v < 1) or a number of images (>= 1); architectures are chosen on them",
+    )
     test_subset: int | None = Field(None, ge=1, description="evaluate on this many test images")
     augment: bool = True
     cutout: int = Field(0, ge=0, description="cutout square side in pixels; 0 = off")
@@ -34,6 +38,19 @@ class DataConfig(Strict):
     num_classes: int | None = Field(None, ge=2, description="fake/imagefolder: number of classes")
     fake_size: int = Field(512, ge=8, description="fake: number of training images")
     seed: int = 0
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_size(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and v >= 1.0 and v.is_integer():
+            v = int(v)
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("must be a fraction in (0, 1) or a number of images >= 1")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(
+                "must be a fraction in (0, 1) or a number of images >= 1 (a validation split is required: models are chosen on it)"
+            )
+        return v
 
 
 class SupernetConfig(Strict):
@@ -146,8 +163,11 @@ class RetrainConfig(Strict):
     drop_path: float | Literal["auto"] = Field("auto", description="max drop-path prob; auto = spec §6")
     max_nonfinite: int = Field(5, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
-    test_every: int = Field(
-        1, ge=0, description="test-set evaluation every N epochs; 0 = after the last only"
+    eval_every: int = Field(
+        1,
+        ge=0,
+        description="validation every N epochs; 0 = after the last only (the test split is "
+        "evaluated once, after the last epoch)",
     )
     cuda_graph: Literal["auto", "off"] = Field(
         "auto",

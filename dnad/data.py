@@ -90,35 +90,53 @@ class TensorSplit(Split):
         return TensorSplit(self.images.index_select(0, idx), self.labels.index_select(0, idx))
 
 
+def crop_ratio(dataset: str) -> float:
+    """Side of the evaluation centre crop over the shorter side of an image: ImageNet's 224/256, and
+    the whole shorter side for other image folders (small images lose no border)."""
+    return 0.875 if dataset == "imagenet" else 1.0
+
+
+def resize_crop(img: Image, size: int, box: tuple[float, float, float, float]) -> Tensor:
+    """The `box` of a PIL image resized to size×size (one PIL call: no double resampling), as a uint8
+    (C, size, size) tensor."""
+    from PIL.Image import Resampling
+
+    out = np.array(img.resize((size, size), Resampling.BILINEAR, box=box), dtype=np.uint8)
+    return torch.from_numpy(out.reshape(size, size, -1)).permute(2, 0, 1)
+
+
+def centre_crop(img: Image, size: int, ratio: float) -> Tensor:
+    """The evaluation view of an image: a centred square of `ratio` × its shorter side, resized to
+    `size` (uint8 (C, size, size))."""
+    w, h = img.size
+    side = min(w, h) * ratio
+    left, top = (w - side) / 2, (h - side) / 2
+    return resize_crop(img, size, (left, top, left + side, top + side))
+
+
 @dataclass(eq=False)
 class FolderSplit(Split):
-    """Lazily decoded split over an `ImageFolder`'s `samples`: `split[i]` is resized (shorter side to
-    size/0.875) and centre-cropped to `image_size`, RGB uint8 (3, S, S)."""
+    """Lazily decoded split over an `ImageFolder`'s `samples`: `split[i]` is the centre crop
+    (`centre_crop`, `crop_ratio`) resized to `image_size`, uint8 (C, S, S) in PIL `mode` ("RGB" or
+    "L")."""
 
     samples: list[tuple[str, int]]
     labels: Tensor
     image_size: int
+    ratio: float = 0.875
+    mode: str = "RGB"
 
     def _open(self, i: int) -> Image:
         from PIL import Image
 
         with Image.open(self.samples[i][0]) as img:
-            return img.convert("RGB")
+            return img.convert(self.mode)
 
     def _to_tensor(self, img: Image, box: tuple[float, float, float, float]) -> Tensor:
-        from PIL.Image import Resampling
-
-        s = self.image_size
-        # crop and resize in one PIL call: cheaper than crop() then resize() and no double resampling
-        out = img.resize((s, s), Resampling.BILINEAR, box=box)
-        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+        return resize_crop(img, self.image_size, box)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        img = self._open(i)
-        w, h = img.size
-        side = min(w, h) * 0.875  # the standard "resize to 256, centre-crop 224" ratio
-        left, top = (w - side) / 2, (h - side) / 2
-        return self._to_tensor(img, (left, top, left + side, top + side)), self.samples[i][1]
+        return centre_crop(self._open(i), self.image_size, self.ratio), self.samples[i][1]
 
     def random_crop(self, i: int, u: Tensor) -> Tensor:
         """RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) of image i, driven by the pre-drawn
@@ -139,16 +157,18 @@ class FolderSplit(Split):
         return self._to_tensor(img, (left, top, left + w, top + h))
 
     def subset(self, idx: Tensor) -> FolderSplit:
-        return FolderSplit([self.samples[i] for i in idx.tolist()], self.labels[idx], self.image_size)
+        samples = [self.samples[i] for i in idx.tolist()]
+        return FolderSplit(samples, self.labels[idx], self.image_size, self.ratio, self.mode)
 
 
 @dataclass(eq=False)
 class DatasetBundle:
-    """Splits plus meta. `val` is None when `val_fraction == 0`. `mean`/`std`: per channel, pixel/255."""
+    """Splits plus meta: `val` is held out of the training images (`DataConfig.val_size`), `test` is
+    the dataset's own test split. `mean`/`std`: per channel, pixel/255."""
 
     name: str
     train: Split
-    val: Split | None
+    val: Split
     test: Split
     in_channels: int
     image_size: int
@@ -170,16 +190,25 @@ class DatasetBundle:
     ) -> BatchIterator:
         """A `BatchIterator` over one split, in training mode (shuffle, augment, drop_last) iff `train`."""
         split = getattr(self, which)
-        if split is None:
-            raise InputError("data.val_fraction", 0.0, "no validation split; set data.val_fraction > 0")
         kw = {"mean": self.mean, "std": self.std, "rank": rank, "world_size": world_size, "cutout": cutout}
         return BatchIterator(split, batch_size, seed=seed, train=which == "train", augment=augment, **kw)
 
 
+def preprocess_spec(b: DatasetBundle) -> dict[str, object]:
+    """How an image file becomes a network input of this dataset (`dnad.deploy.read_image`): PIL mode,
+    a centred square of `crop_ratio` × the shorter side resized (bilinear) to `image_size`, then
+    `(pixel / 255 - mean) / std` per channel."""
+    return {
+        "mode": "L" if b.in_channels == 1 else "RGB" if b.in_channels == 3 else "RGBA",
+        "image_size": b.image_size,
+        "crop_ratio": crop_ratio(b.name),
+        "resample": "bilinear",
+    }
+
+
 def describe(b: DatasetBundle) -> str:
     """One line, e.g. `fashion_mnist: 60000 train / 0 val / 10000 test, 1x28x28, 10 classes`."""
-    nval = len(b.val) if b.val is not None else 0
-    sizes = f"{len(b.train)} train / {nval} val / {len(b.test)} test"
+    sizes = f"{len(b.train)} train / {len(b.val)} val / {len(b.test)} test"
     return f"{b.name}: {sizes}, {b.in_channels}x{b.image_size}x{b.image_size}, {b.num_classes} classes"
 
 
@@ -252,7 +281,7 @@ def _cifar(cfg: DataConfig) -> tuple[TensorSplit, TensorSplit, tuple[str, ...]]:
     return out[0], out[1], tuple(ds.classes)
 
 
-def _folder(path: Path, size: int) -> tuple[FolderSplit, tuple[str, ...]]:
+def _folder(path: Path, size: int, ratio: float) -> tuple[FolderSplit, tuple[str, ...]]:
     from torchvision.datasets import ImageFolder
 
     try:
@@ -260,7 +289,7 @@ def _folder(path: Path, size: int) -> tuple[FolderSplit, tuple[str, ...]]:
     except OSError as e:  # FileNotFoundError: no class folders, or a class folder without images
         raise InputError("data.root", str(path), f"no images: expected class folders of images ({e})") from e
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
-    return FolderSplit(list(ds.samples), labels, size), tuple(ds.classes)
+    return FolderSplit(list(ds.samples), labels, size, ratio), tuple(ds.classes)
 
 
 def _imagefolder(cfg: DataConfig) -> tuple[FolderSplit, FolderSplit, tuple[str, ...]]:
@@ -269,8 +298,9 @@ def _imagefolder(cfg: DataConfig) -> tuple[FolderSplit, FolderSplit, tuple[str, 
         raise DatasetNotFoundError("data.root", cfg.root, hint)
     root, size = Path(cfg.root), cfg.image_size or 224
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), root / "val")
-    train, classes = _folder(root / "train", size)
-    test, test_classes = _folder(test_dir, size)
+    ratio = crop_ratio(cfg.dataset)
+    train, classes = _folder(root / "train", size, ratio)
+    test, test_classes = _folder(test_dir, size, ratio)
     if test_classes != classes:
         raise InputError("data.root", str(test_dir), "its class folders differ from train/'s")
     want = cfg.num_classes or (1000 if cfg.dataset == "imagenet" else None)
@@ -308,14 +338,21 @@ def _take(split: Split, k: int | None, field: str, what: str, g: torch.Generator
     if k is None:
         return split
     if k > len(split):
-        raise InputError(field, k, f"larger than the {what} split ({len(split)} images)")
+        raise InputError(field, k, f"larger than the {what} ({len(split)} images)")
     return split.subset(torch.sort(_stratified_order(split.labels, g)[:k]).values)
 
 
+def val_count(val_size: int | float, n_train: int) -> int:
+    """Images held out for validation from a training split of `n_train` images."""
+    return max(1, round(val_size * n_train)) if isinstance(val_size, float) else int(val_size)
+
+
 def load_dataset(cfg: DataConfig) -> DatasetBundle:
-    """Load `cfg.dataset`, then (all seeded by `cfg.seed`) take `train_subset` images of train, carve
-    `val_fraction` of them out as a validation split, and take `test_subset` images of test. Subsets and
-    the validation carve are stratified by class."""
+    """Load `cfg.dataset`, then (all seeded by `cfg.seed`) hold `val_size` images of the training split
+    out as the validation split, take `train_subset` images of the rest for training and `test_subset`
+    images of test. The validation split and subsets are stratified by class; the validation split
+    does not depend on `train_subset`, so a search and a retraining with different subsets of one run
+    share it and neither trains on it."""
     classes: tuple[str, ...] = ()
     if cfg.dataset == "fashion_mnist":
         train, test = _fashion_mnist(cfg)
@@ -331,22 +368,20 @@ def load_dataset(cfg: DataConfig) -> DatasetBundle:
     else:
         in_ch, size = 3, cfg.image_size or 224
     num_classes = len(classes) or (cfg.num_classes or 10)
+    classes = classes or tuple(f"class_{k}" for k in range(num_classes))
     mean, std = STATS.get(cfg.dataset, STATS["imagenet"])
     if len(mean) != in_ch:  # fake: one statistic per channel
         mean, std = mean * in_ch, std * in_ch
 
-    train = _take(train, cfg.train_subset, "data.train_subset", "training", _gen(cfg.seed, "train_subset"))
-    val = None
-    if cfg.val_fraction > 0:
-        n_val = max(1, round(cfg.val_fraction * len(train)))
-        if n_val >= len(train):
-            raise InputError(
-                "data.val_fraction", cfg.val_fraction, f"leaves no training image of {len(train)}"
-            )
-        order = _stratified_order(train.labels, _gen(cfg.seed, "val"))
-        val = train.subset(torch.sort(order[:n_val]).values)
-        train = train.subset(torch.sort(order[n_val:]).values)
-    test = _take(test, cfg.test_subset, "data.test_subset", "test", _gen(cfg.seed, "test_subset"))
+    n_val = val_count(cfg.val_size, len(train))
+    if n_val >= len(train):
+        raise InputError("data.val_size", cfg.val_size, f"leaves no training image of {len(train)}")
+    order = _stratified_order(train.labels, _gen(cfg.seed, "val"))
+    val = train.subset(torch.sort(order[:n_val]).values)
+    train = train.subset(torch.sort(order[n_val:]).values)
+    what = f"training split left once {n_val} validation images are held out"
+    train = _take(train, cfg.train_subset, "data.train_subset", what, _gen(cfg.seed, "train_subset"))
+    test = _take(test, cfg.test_subset, "data.test_subset", "test split", _gen(cfg.seed, "test_subset"))
     return DatasetBundle(cfg.dataset, train, val, test, in_ch, size, num_classes, mean, std, classes)
 
 

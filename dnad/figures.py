@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dnad.genotype import Genotype
-from dnad.results import pareto_mask
+from dnad.results import deploy_latency, pareto_mask
 
 # colour-blind-friendly qualitative palette (Okabe-Ito + Tableau extras) for trials
 TRIAL_PALETTE = (
@@ -34,7 +34,12 @@ OP_SHORT: dict[str, str] = {
     "max_pool_3x3": "max", "avg_pool_3x3": "avg", "skip_connect": "skip", "none": "none",
 }  # fmt: skip
 _EXTRA_OP_COLORS = ("#CC79A7", "#8C564B", "#BCBD22", "#17BECF", "#9467BD", "#F0E442")
-COST_LABELS = {"macs": "MACs (multiply-accumulates, log scale)", "params": "parameters (log scale)"}
+COST_LABELS = {
+    "macs": "MACs (multiply-accumulates, log scale)",
+    "params": "parameters (log scale)",
+    "latency": "latency at batch 1, ms (ONNX Runtime, else PyTorch; log scale)",
+}
+COST_TITLES = {"macs": "MACs", "params": "parameters", "latency": "latency"}
 REFERENCE_NAME = "published (reference)"
 PARETO_NAME = "Pareto front"
 # (column, axis title) of the search-dynamics subplots, top to bottom
@@ -78,43 +83,60 @@ def trial_label(trial_id: str, temperature: Any = None) -> str:
     return f"trial {trial_id} · T={float(temperature):g}"
 
 
+def _ms(v: Any) -> str:
+    return "?" if v is None or pd.isna(v) else f"{float(v):.2f} ms"
+
+
 def arch_hover(row: Any) -> str:
-    """Hover text of an architecture point: arch id, params, MACs, error and its emission."""
+    """Hover text of an architecture point: arch id, params, MACs, latency, errors and its emission."""
+    val = getattr(row, "val_error", float("nan"))
     return (
         f"<b>{row.arch_id}</b><br>trial {row.trial_id}, emission {row.emission_index} at step {row.step}"
         f"<br>params {_fmt_int(row.params)}<br>MACs {_fmt_macs(row.macs)}"
-        f"<br>test error {_fmt_pct(row.test_error)} (acc {_fmt_pct(row.test_acc)})"
+        f"<br>latency {_ms(getattr(row, 'latency', float('nan')))}"
+        f"<br>validation error {_fmt_pct(val)} (chooses)<br>test error {_fmt_pct(row.test_error)} (reported)"
     )
 
 
-def scored(archs: pd.DataFrame, cost: str) -> pd.DataFrame:
-    """Rows with a test error and a positive cost: the ones a Pareto plot can show."""
+def with_costs(archs: pd.DataFrame) -> pd.DataFrame:
+    """`archs` with a `latency` column (`dnad.results.deploy_latency`) beside macs and params."""
+    return archs.assign(latency=deploy_latency(archs))
+
+
+def scored(archs: pd.DataFrame, cost: str, error: str = "val_error") -> pd.DataFrame:
+    """Rows with an `error` and a positive cost: the ones a Pareto plot can show."""
+    archs = with_costs(archs)
     ok = archs["status"].astype(str) == "ok" if "status" in archs else pd.Series(True, index=archs.index)
-    err = pd.to_numeric(archs["test_error"], errors="coerce").astype(float)
+    err = pd.to_numeric(archs[error] if error in archs else np.nan, errors="coerce")
+    err = pd.Series(err, index=archs.index).astype(float)
     c = pd.to_numeric(archs[cost], errors="coerce").astype(float)
     keep = ok.fillna(False).to_numpy(bool) & err.notna().to_numpy() & (c > 0).fillna(False).to_numpy()
     return archs[keep]
 
 
-def pareto_front(archs: pd.DataFrame, cost: str = "macs") -> pd.DataFrame:
-    """The non-dominated (test_error, cost) rows among the finished architectures, sorted by cost."""
-    rows = scored(archs, cost)
-    mask = pareto_mask(rows["test_error"].astype(float), rows[cost].astype(float))
-    return rows[mask].sort_values([cost, "test_error"], kind="stable")
+def pareto_front(archs: pd.DataFrame, cost: str = "macs", error: str = "val_error") -> pd.DataFrame:
+    """The non-dominated (`error`, cost) rows among the finished architectures, sorted by cost."""
+    rows = scored(archs, cost, error)
+    mask = pareto_mask(rows[error].astype(float), rows[cost].astype(float))
+    return rows[mask].sort_values([cost, error], kind="stable")
 
 
 def pareto_figure(
-    archs: pd.DataFrame, cost: str = "macs", reference: pd.DataFrame | None = None
+    archs: pd.DataFrame,
+    cost: str = "macs",
+    reference: pd.DataFrame | None = None,
+    error: str = "val_error",
 ) -> go.Figure:
-    """Test error against MACs or params (log x), one marker series per trial, the front as a step line.
+    """Validation error (what chooses; `error="test_error"` for the reported one) against MACs, params
+    or latency (log x), one marker series per trial, the front as a step line.
 
-    `reference` (from `dnad.results.reference_points`) adds published models as a separate series;
-    rows without a value for `cost` are left out.
+    `reference` (from `dnad.results.reference_points`) adds published models (their test error) as a
+    separate series; rows without a value for `cost` are left out.
     """
     if cost not in COST_LABELS:
         raise ValueError(f"cost must be one of {sorted(COST_LABELS)}, not {cost!r}")
     fig = go.Figure()
-    rows = scored(archs, cost)
+    rows = scored(archs, cost, error)
     colors = trial_colors(archs["trial_id"]) if "trial_id" in archs else {}
     for tid, group in rows.groupby(rows["trial_id"].astype(str), sort=True):
         temps = group["temperature"].dropna() if "temperature" in group else pd.Series(dtype=float)
@@ -122,7 +144,7 @@ def pareto_figure(
         fig.add_trace(
             go.Scatter(
                 x=group[cost].astype(float).tolist(),
-                y=group["test_error"].astype(float).tolist(),
+                y=group[error].astype(float).tolist(),
                 mode="markers",
                 name=trial_label(str(tid), temp),
                 legendgroup=f"trial-{tid}",
@@ -132,12 +154,12 @@ def pareto_figure(
                 customdata=group["arch_id"].astype(str).tolist(),
             )
         )
-    front = pareto_front(archs, cost)
+    front = pareto_front(archs, cost, error)
     if len(front):
         fig.add_trace(
             go.Scatter(
                 x=front[cost].astype(float).tolist(),
-                y=front["test_error"].astype(float).tolist(),
+                y=front[error].astype(float).tolist(),
                 mode="lines+markers",
                 line_shape="hv",
                 name=PARETO_NAME,
@@ -169,10 +191,13 @@ def pareto_figure(
                     hoverinfo="text",
                 )
             )
+    what = "validation error" if error == "val_error" else "test error"
     fig.update_xaxes(type="log", title_text=COST_LABELS[cost])
-    fig.update_yaxes(title_text="test error", tickformat=".1%")
+    fig.update_yaxes(
+        title_text=what + (" (published: test error)" if error == "val_error" else ""), tickformat=".1%"
+    )
     fig.update_layout(
-        title=f"Test error vs {'MACs' if cost == 'macs' else 'parameters'}",
+        title=f"{what.capitalize()} vs {COST_TITLES[cost]}",
         template="plotly_white",
         height=480,
         legend={"groupclick": "togglegroup"},
@@ -346,7 +371,8 @@ def edge_shapes(fig: go.Figure) -> list[dict[str, Any]]:
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("arch_id", "arch"), ("trial_id", "trial"), ("temperature", "T"), ("emission_index", "emission"),
     ("step", "step"), ("S", "S"), ("alive_pairs", "pairs"), ("params", "params"), ("macs", "MMACs"),
-    ("test_acc", "top-1"), ("test_error", "error"), ("retrain_epochs", "epochs"), ("status", "status"),
+    ("latency", "ms"), ("val_acc", "val top-1"), ("test_acc", "test top-1"), ("retrain_epochs", "epochs"),
+    ("status", "status"),
 )  # fmt: skip
 
 
@@ -357,8 +383,10 @@ def _cell(col: str, v: Any) -> str:
         return f"{int(v):,}"
     if col == "macs":
         return f"{float(v) / 1e6:,.2f}"
-    if col in ("test_acc", "test_error"):
+    if col in ("test_acc", "test_error", "val_acc", "val_error"):
         return f"{100 * float(v):.2f}%"
+    if col == "latency":
+        return f"{float(v):.2f}"
     if col == "temperature":
         return f"{float(v):g}"
     if col == "S":
@@ -371,12 +399,12 @@ def _true(v: Any) -> bool:
 
 
 def results_table_html(archs: pd.DataFrame) -> str:
-    """The architectures as an HTML table, best accuracy first; Pareto rows carry class "pareto"
-    and a ★ with the front(s) they lie on (M = MACs, P = params)."""
+    """The architectures as an HTML table, best validation accuracy first; Pareto rows carry class
+    "pareto" and a ★ with the front(s) they lie on (M = MACs, P = params, L = latency)."""
     if archs.empty:
         return '<p class="empty">No architectures yet.</p>'
-    df = archs.copy()
-    acc = pd.to_numeric(df["test_acc"], errors="coerce").astype(float)
+    df = with_costs(archs)
+    acc = pd.to_numeric(df["val_acc"] if "val_acc" in df else df["test_acc"], errors="coerce").astype(float)
     ok = (df["status"].astype(str) == "ok").to_numpy() if "status" in df else np.ones(len(df), bool)
     df = df.assign(_ok=ok, _acc=acc.fillna(-1.0)).sort_values(["_ok", "_acc"], ascending=[False, False])
     cols = [(c, h) for c, h in TABLE_COLUMNS if c in df]
@@ -386,8 +414,8 @@ def results_table_html(archs: pd.DataFrame) -> str:
     )
     body = []
     for _, r in df.iterrows():
-        on_m, on_p = _true(r.get("is_pareto_macs")), _true(r.get("is_pareto_params"))
-        fronts = "+".join(n for n, on in (("M", on_m), ("P", on_p)) if on)
+        flags = (("M", "is_pareto_macs"), ("P", "is_pareto_params"), ("L", "is_pareto_latency"))
+        fronts = "+".join(n for n, col in flags if _true(r.get(col)))
         cls = ["pareto"] if fronts else []
         if str(r.get("status", "ok")) != "ok":
             cls.append("not-ok")

@@ -1,8 +1,9 @@
 """`report.html`: one self-contained HTML page (plotly.js inlined, opens offline) about a run folder.
 
-Sections: header (run, dataset, counts, best accuracy, config summary), Pareto fronts (error vs MACs
-and vs params, with published reference points), search dynamics, one cell diagram per Pareto
-architecture, and the results table. Works on finished and half-finished run folders
+Sections: header (run, dataset, counts, best validation accuracy, config summary), Pareto fronts
+(validation error vs MACs, params and latency, with published reference points), search dynamics,
+one cell diagram per Pareto architecture, and the results table. Validation error chooses; test
+accuracy is shown beside it, never used to choose. Works on finished and half-finished run folders
 (`dnad.results.load_partial_run`).
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd;
 .config { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.85em; color: #444;
           background: #fafafa; border: 1px solid #eee; padding: 8px 12px; white-space: pre-wrap; }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
+.triple { display: grid; grid-template-columns: 1fr 1fr 1fr; gap: 12px; }
+@media (max-width: 1300px) { .triple { grid-template-columns: 1fr 1fr; } }
 @media (max-width: 1000px) { .pair { grid-template-columns: 1fr; } }
 table.results { border-collapse: collapse; font-size: 0.88em; width: 100%; }
 table.results th { position: sticky; top: 0; background: #333; color: #fff; padding: 6px 8px; text-align: right; }
@@ -62,6 +64,14 @@ def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return d
 
 
+def teacher_name(t: dict[str, Any]) -> str:
+    """`kind:what` of a teacher config: the torchvision arch, the genotype file or the checkpoint."""
+    kind = t.get("kind", "torchvision")
+    what = {"torchvision": t.get("arch"), "genotype": t.get("genotype"), "checkpoint": t.get("checkpoint")}
+    value = what.get(kind) or "?"
+    return f"{kind}:{Path(value).name if kind != 'torchvision' else value}"
+
+
 def config_summary(config: dict[str, Any]) -> str:
     """A few lines of the settings that matter when reading the results."""
     if not config:
@@ -69,15 +79,14 @@ def config_summary(config: dict[str, Any]) -> str:
     g = lambda *k: _get(config, *k)  # noqa: E731
     sweep = {k: v for k, v in (g("sweep") or {}).items() if k != "num_samples" and v}
     kd = (
-        f"KD T={g('search', 'distill', 'temperature')} from {g('search', 'distill', 'teacher', 'kind')}:"
-        f"{g('search', 'distill', 'teacher', 'arch') or g('search', 'distill', 'teacher', 'genotype')}"
+        f"KD T={g('search', 'distill', 'temperature')} from {teacher_name(g('search', 'distill', 'teacher') or {})}"
         if g("search", "distill", "enabled")
         else "KD off"
     )
     shrink = g("search", "shrink") or {}
     lines = [
         f"data     {g('data', 'dataset')}  train_subset={g('data', 'train_subset')}  "
-        f"retrain train_subset={g('retrain_data', 'train_subset')}",
+        f"retrain train_subset={g('retrain_data', 'train_subset')}  val_size={g('data', 'val_size')}",
         f"search   C={g('search', 'supernet', 'C')} x {g('search', 'supernet', 'cells')} cells, "
         f"{g('search', 'supernet', 'nodes')} nodes, ops={g('search', 'supernet', 'ops')}; "
         f"{g('search', 'epochs')} epochs, batch {g('search', 'batch_size')}; {kd}",
@@ -111,26 +120,34 @@ def _facts(res: RunResults) -> list[tuple[str, str]]:
         ("architectures", f"{len(archs)} ({len(ok)} retrained)"),
         ("search trials", str(res.search_metrics["trial_id"].nunique()) if len(res.search_metrics) else "0"),
     ]
-    if len(ok):
-        best = ok.loc[pd.to_numeric(ok["test_acc"], errors="coerce").astype(float).idxmax()]
-        facts.append(
-            (
-                "best accuracy",
-                f"{100 * float(best['test_acc']):.2f}% ({best['arch_id']}, {int(best['params']):,} params)",
-            )
-        )
+    val = pd.to_numeric(ok["val_acc"], errors="coerce").astype(float) if len(ok) else None
+    if val is not None and val.notna().any():
+        best = ok.loc[val.idxmax()]
+        facts.append((
+            "best on validation",
+            f"{100 * float(best['val_acc']):.2f}% val, {100 * float(best['test_acc']):.2f}% test "
+            f"({best['arch_id']}, {int(best['params']):,} params)",
+        ))  # fmt: skip
     else:
-        facts.append(("best accuracy", "–"))
+        facts.append(("best on validation", "–"))
     return facts
 
 
+def _present(v: Any) -> bool:
+    return v is not None and not (not isinstance(v, str) and pd.isna(v)) and v != ""
+
+
+PARETO_FLAGS = ("is_pareto_macs", "is_pareto_params", "is_pareto_latency")
+
+
 def pareto_ids(archs: pd.DataFrame) -> list[str]:
-    """Arch ids on either Pareto front (MACs or params), cheapest MACs first."""
+    """Arch ids on any Pareto front (MACs, params or latency), cheapest MACs first."""
     if archs.empty:
         return []
-    on = archs["is_pareto_macs"].fillna(False).astype(bool) | archs["is_pareto_params"].fillna(False).astype(
-        bool
-    )
+    on = pd.Series(False, index=archs.index)
+    for flag in PARETO_FLAGS:
+        if flag in archs:
+            on |= archs[flag].fillna(False).astype(bool)
     return list(archs[on].sort_values("macs")["arch_id"].astype(str).drop_duplicates())
 
 
@@ -152,15 +169,22 @@ def build_report_html(res: RunResults, output_dir: str | Path | None = None, tit
         f'<div class="config">{html.escape(config_summary(config))}</div>'
     )
     parts.append("<h2>Pareto fronts</h2>")
+    parts.append(
+        '<p class="note">y = error on the validation images held out of training: it decides the fronts '
+        "and the best model. The test accuracy is reported beside it (hover, table) and never used to "
+        "choose. Latency: batch 1 on the machine that retrained the model (ONNX Runtime, else PyTorch); "
+        "<code>python pipeline/profile.py OUTPUT</code> re-measures it on yours.</p>"
+    )
     if reference is not None and len(reference):
         parts.append(
-            f'<p class="note">★ = published {html.escape(dataset)} models (reference_points.csv); '
-            "those without a MACs figure appear on the params plot only.</p>"
+            f'<p class="note">★ = published {html.escape(dataset)} models (reference_points.csv, their test '
+            "error); those without a MACs figure appear on the params plot only.</p>"
         )
     parts.append(
-        '<div class="pair">'
+        '<div class="triple">'
         + _fig_html(pareto_figure(archs, "macs", reference), "pareto-macs")
         + _fig_html(pareto_figure(archs, "params", reference), "pareto-params")
+        + _fig_html(pareto_figure(archs, "latency"), "pareto-latency")
         + "</div>"
     )
     parts.append("<h2>Search dynamics</h2>")
@@ -175,7 +199,13 @@ def build_report_html(res: RunResults, output_dir: str | Path | None = None, tit
         parts.append(
             f'<p class="arch-head"><code>{html.escape(arch_id)}</code> · trial {html.escape(str(row["trial_id"]))} '
             f"emission {row['emission_index']} · {int(row['params']):,} params · {float(row['macs']) / 1e6:,.2f} MMACs"
-            f" · top-1 {100 * float(row['test_acc']):.2f}%</p>"
+            f" · val top-1 {100 * float(row['val_acc']):.2f}% · test top-1 {100 * float(row['test_acc']):.2f}%"
+            + (
+                f" · <code>{html.escape(str(row['model_dir']))}</code>"
+                if _present(row.get("model_dir"))
+                else ""
+            )
+            + "</p>"
         )
         if arch_id in genotypes:
             g = genotypes[arch_id]
@@ -185,7 +215,10 @@ def build_report_html(res: RunResults, output_dir: str | Path | None = None, tit
         else:
             parts.append('<p class="empty">genotype file missing</p>')
     parts.append("<h2>All architectures</h2>")
-    parts.append('<p class="note">★ = on the Pareto front of test error vs MACs (M) and/or params (P).</p>')
+    parts.append(
+        '<p class="note">★ = on the Pareto front of validation error vs MACs (M), params (P) and/or '
+        "latency (L); sorted by validation accuracy.</p>"
+    )
     parts.append(results_table_html(archs))
     body = "\n".join(parts)
     return (
@@ -225,7 +258,4 @@ def write_report(output_dir: str | Path, path: str | Path | None = None) -> Path
         ) from e
     target = Path(path) if path is not None else out / REPORT_NAME
     atomic_write_text(target, build_report_html(res, out))
-    umask = os.umask(0)
-    os.umask(umask)
-    target.chmod(0o666 & ~umask)  # readable like any other output file (the temp file was 0600)
     return target

@@ -18,11 +18,18 @@ ARCH_SCHEMA: dict[str, str] = {
     "arch_id": "string", "trial_id": "string", "temperature": "float64", "gamma0": "float64",
     "phi": "float64", "t_max": "int64", "s_min": "float64", "sparsity": "string",
     "emission_index": "int64", "step": "int64", "epoch": "int64", "S": "float64", "alive_pairs": "int64",
-    "params": "int64", "macs": "int64", "retrain_epochs": "int64", "test_error": "float64",
-    "test_acc": "float64", "wall_s": "float64", "status": "string", "error": "string",
-    "is_pareto_macs": "bool", "is_pareto_params": "bool", "ptflops_version": "string",
-    "ptflops_backend": "string",
+    "params": "int64", "macs": "int64", "retrain_epochs": "int64", "val_error": "float64",
+    "val_acc": "float64", "test_error": "float64", "test_acc": "float64",
+    "latency_ms_torch": "float64", "latency_ms_onnx": "float64", "latency_batch": "Int64",
+    "latency_ms_torch_batch": "float64", "latency_ms_onnx_batch": "float64", "latency_threads": "Int64",
+    "latency_device": "string", "wall_s": "float64", "status": "string", "error": "string",
+    "is_pareto_macs": "bool", "is_pareto_params": "bool", "is_pareto_latency": "bool",
+    "ptflops_version": "string", "ptflops_backend": "string", "model_dir": "string",
 }  # fmt: skip
+LATENCY_COLUMNS = ("latency_ms_torch", "latency_ms_onnx", "latency_batch", "latency_ms_torch_batch",
+                   "latency_ms_onnx_batch", "latency_threads", "latency_device")  # fmt: skip
+RETRAIN_COLUMNS = ("arch_id", "retrain_epochs", "val_acc", "val_error", "test_acc", "test_error", "wall_s",
+                   "status", "error")  # fmt: skip
 EXTRA_COLUMNS: dict[str, str] = {"sources": "string"}  # every trial#emission that produced the arch
 METRICS_SCHEMA: dict[str, str] = {
     "trial_id": "string", "step": "int64", "epoch": "int64", "loss": "float64", "ce": "float64",
@@ -50,12 +57,56 @@ def pareto_mask(error: np.ndarray | pd.Series, cost: np.ndarray | pd.Series) -> 
     return mask
 
 
+def deploy_latency(archs: pd.DataFrame) -> pd.Series:
+    """The latency a deployment pays, per row: ONNX Runtime at batch 1, or PyTorch eager where there is
+    no ONNX figure (ms)."""
+
+    def col(name: str) -> pd.Series:
+        v = archs[name] if name in archs else pd.Series(np.nan, index=archs.index)
+        return pd.to_numeric(v, errors="coerce").astype(float)
+
+    return col("latency_ms_onnx").fillna(col("latency_ms_torch"))
+
+
 def with_pareto(archs: pd.DataFrame) -> pd.DataFrame:
-    """Adds `is_pareto_macs` / `is_pareto_params` over (test_error, MACs/params) of the ok rows."""
-    err = archs["test_error"].where(archs["status"] == "ok")
+    """Adds `is_pareto_macs` / `is_pareto_params` / `is_pareto_latency`: non-dominated in (validation
+    error, MACs / params / `deploy_latency`) among the ok rows. The test split never decides."""
+    val = archs["val_error"] if "val_error" in archs else pd.Series(np.nan, index=archs.index)
+    err = pd.to_numeric(val, errors="coerce").astype(float).where(archs["status"] == "ok")
     return archs.assign(
-        is_pareto_macs=pareto_mask(err, archs["macs"]), is_pareto_params=pareto_mask(err, archs["params"])
+        is_pareto_macs=pareto_mask(err, archs["macs"]),
+        is_pareto_params=pareto_mask(err, archs["params"]),
+        is_pareto_latency=pareto_mask(err, deploy_latency(archs)),
     )
+
+
+def card_columns(card: dict[str, Any]) -> dict[str, Any]:
+    """The table columns a model card (`models/<arch_id>/model.json`) supplies: its latency figures."""
+    lat = card.get("latency") or {}
+    batches = [int(b) for b in lat.get("batches", [])]
+    big = max(batches) if batches else None
+    t, o = lat.get("torch_ms") or {}, lat.get("onnx_ms") or {}
+    nan = float("nan")
+    return {
+        "latency_ms_torch": t.get("1", nan), "latency_ms_onnx": o.get("1", nan),
+        "latency_batch": big, "latency_ms_torch_batch": t.get(str(big), nan) if big else nan,
+        "latency_ms_onnx_batch": o.get(str(big), nan) if big else nan,
+        "latency_threads": lat.get("threads"), "latency_device": lat.get("torch_device"),
+        "model_dir": f"models/{card.get('arch_id')}",
+    }  # fmt: skip
+
+
+def read_cards(output_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """`{arch_id: model card}` of a run's `models/*/model.json` (unreadable cards skipped)."""
+    cards = {}
+    for f in sorted(Path(output_dir).glob("models/*/model.json")):
+        try:
+            card = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(card, dict) and card.get("arch_id") == f.parent.name:
+            cards[f.parent.name] = card
+    return cards
 
 
 def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
@@ -69,9 +120,15 @@ def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
     return df[list(schema) + [c for c in df.columns if c not in schema]]
 
 
-def architectures_table(collected: pd.DataFrame, retrained: pd.DataFrame) -> pd.DataFrame:
-    """Collected architectures joined with their retrain results, Pareto flags added."""
+def architectures_table(
+    collected: pd.DataFrame, retrained: pd.DataFrame, cards: dict[str, dict[str, Any]] | None = None
+) -> pd.DataFrame:
+    """Collected architectures joined with their retrain results and the latency of their model cards
+    (`read_cards`), Pareto flags added."""
     merged = collected.merge(retrained, on="arch_id", how="left")
+    if cards:
+        rows = [{"arch_id": a, **card_columns(c)} for a, c in cards.items()]
+        merged = merged.merge(pd.DataFrame(rows), on="arch_id", how="left")
     missing = merged["status"].isna()
     merged.loc[missing, ["status", "error"]] = ["failed", "not retrained"]
     merged["retrain_epochs"] = merged["retrain_epochs"].fillna(0)
@@ -111,20 +168,32 @@ def load_genotype_json(output_dir: str | Path, arch_id: str) -> dict[str, Any]:
 
 
 def summary_table(archs: pd.DataFrame) -> str:
-    """Plain-text table, best accuracy first, Pareto members starred."""
+    """Plain-text table, best validation accuracy first, with the Pareto fronts each row is on."""
     if archs.empty:
         return "(no architectures)"
-    df = archs.sort_values(["status", "test_acc"], ascending=[False, False])
+    df = archs.assign(_ok=archs["status"] == "ok").sort_values(["_ok", "val_acc"], ascending=[False, False])
     lines = [
-        f"{'arch_id':16}  {'trial':5}  {'emit':>4}  {'pairs':>5}  {'params':>9}  {'MMACs':>8}  {'top-1':>7}  pareto"
+        f"{'arch_id':16}  {'trial':5}  {'emit':>4}  {'pairs':>5}  {'params':>9}  {'MMACs':>7}  {'val acc':>7}"
+        f"  {'test acc':>8}  {'ms':>6}  pareto"
     ]
-    for r in df.itertuples():
-        acc = f"{100 * r.test_acc:6.2f}%" if r.status == "ok" else "failed "
-        star = ("M" if r.is_pareto_macs else "-") + ("P" if r.is_pareto_params else "-")
+    lat = deploy_latency(df)
+    for r, ms in zip(df.itertuples(), lat):
+        ok = r.status == "ok"
+        val = f"{100 * r.val_acc:6.2f}%" if ok else "failed"
+        test = f"{100 * r.test_acc:6.2f}%" if ok else ""
+        star = "".join(
+            c if f else "-"
+            for c, f in zip("MPL", (r.is_pareto_macs, r.is_pareto_params, r.is_pareto_latency))
+        )
         lines.append(
             f"{r.arch_id:16}  {r.trial_id:5}  {r.emission_index:>4}  {r.alive_pairs:>5}  {r.params:>9,}  "
-            f"{r.macs / 1e6:>8.2f}  {acc:>7}  {star}"
+            f"{r.macs / 1e6:>7.2f}  {val:>7}  {test:>8}  {'' if ms != ms else f'{ms:.2f}':>6}  {star}"
         )
+    lines.append(
+        "val acc chooses (validation images held out of training); test acc is reported, never used to "
+        "choose; ms = latency at batch 1 (ONNX Runtime, else PyTorch); pareto: M = MACs, P = params, "
+        "L = latency, each against validation error"
+    )
     return "\n".join(lines)
 
 
@@ -169,21 +238,39 @@ def partial_retrain_results(output_dir: str | Path, arch_ids: list[str], epochs:
             if "epoch" in r and "test_acc" in r
         ]
         if not hist:
-            rows.append({"arch_id": arch_id, "retrain_epochs": 0, "test_acc": np.nan, "test_error": np.nan,
-                         "wall_s": 0.0, "status": "pending", "error": "not retrained yet"})  # fmt: skip
+            rows.append({"arch_id": arch_id, "retrain_epochs": 0, "val_acc": np.nan, "val_error": np.nan,
+                         "test_acc": np.nan, "test_error": np.nan, "wall_s": 0.0, "status": "pending",
+                         "error": "not retrained yet"})  # fmt: skip
             continue
         by_epoch = {int(r["epoch"]): r for r in hist}  # a resumed trial may log an epoch twice
         last = by_epoch[max(by_epoch)]
         done = epochs is not None and int(last["epoch"]) >= epochs
-        acc = float(last["test_acc"])
+        val, acc = float(last.get("val_acc", np.nan)), float(last["test_acc"])
         rows.append({
-            "arch_id": arch_id, "retrain_epochs": int(last["epoch"]), "test_acc": acc, "test_error": 1.0 - acc,
+            "arch_id": arch_id, "retrain_epochs": int(last["epoch"]), "val_acc": val, "val_error": 1.0 - val,
+            "test_acc": acc, "test_error": 1.0 - acc,
             "wall_s": float(sum(float(r.get("epoch_s", 0.0)) for r in by_epoch.values())),
             "status": "ok" if done else "running", "error": "" if done else f"epoch {last['epoch']}/{epochs or '?'}",
         })  # fmt: skip
-    return pd.DataFrame(
-        rows, columns=["arch_id", "retrain_epochs", "test_acc", "test_error", "wall_s", "status", "error"]
-    )
+    return pd.DataFrame(rows, columns=list(RETRAIN_COLUMNS))
+
+
+def rebuild_architectures(output_dir: str | Path, config: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The architectures table of a run from its parts: `collected.parquet`, the retrain results
+    (`retrained.parquet`, or the per-epoch `retrain/*.jsonl` of a retrain stage still running) and the
+    model cards (latency). What `pipeline/profile.py` rewrites after re-timing the models."""
+    out = Path(output_dir)
+    collected = pd.read_parquet(out / "collected.parquet")
+    if (out / "retrained.parquet").is_file():
+        retrained = pd.read_parquet(out / "retrained.parquet")
+    else:
+        if config is None:
+            config = (
+                yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+            )
+        epochs = ((config or {}).get("retrain") or {}).get("epochs")
+        retrained = partial_retrain_results(out, list(collected["arch_id"]), epochs)
+    return architectures_table(collected, retrained, read_cards(out))
 
 
 def load_partial_run(output_dir: str | Path) -> RunResults:
@@ -201,13 +288,7 @@ def load_partial_run(output_dir: str | Path) -> RunResults:
     if (out / "architectures.parquet").is_file():
         archs = pd.read_parquet(out / "architectures.parquet")
     elif (out / "collected.parquet").is_file():
-        collected = pd.read_parquet(out / "collected.parquet")
-        if (out / "retrained.parquet").is_file():
-            retrained = pd.read_parquet(out / "retrained.parquet")
-        else:
-            epochs = (config.get("retrain") or {}).get("epochs")
-            retrained = partial_retrain_results(out, list(collected["arch_id"]), epochs)
-        archs = architectures_table(collected, retrained)
+        archs = rebuild_architectures(out, config)
     else:
         archs = conform(pd.DataFrame(), ARCH_SCHEMA)
     if (out / "search_metrics.parquet").is_file():

@@ -71,7 +71,9 @@ def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> 
 
 
 class RetrainLoop:
-    """Trains `model` on `data.train`, evaluates on `data.test` after every epoch."""
+    """Trains `model` on `data.train`; evaluates on `data.val` every `cfg.eval_every` epochs and after
+    the last one, and on `data.test` once, after the last epoch (when `test`). Validation accuracy is
+    what architectures are chosen by; the test accuracy is only reported."""
 
     # tests only: take the CUDA-graph path on the CPU, running the captured step function directly
     emulate_graphs = False
@@ -88,24 +90,24 @@ class RetrainLoop:
         stage: str = "retrain",
         progress: Callable[[dict[str, Any]], None] | None = None,
         progress_every: int = 10,
+        test: bool = True,
     ):
         """`callback` gets each epoch's record; `progress`, if given, gets a row every
         `progress_every` steps inside an epoch: {"progress": epochs done as a float, running
-        "train_loss", "train_acc", "img_per_s"} (for progress displays)."""
+        "train_loss", "train_acc", "img_per_s"} (for progress displays). `test=False`: never touch the
+        test split (teachers)."""
         self.cfg, self.model, self.data, self.callback = cfg, model, data, callback
         self.progress, self.progress_every = progress, max(1, progress_every)
         self.device = torch.device(device)
         self.fmt = preferred_format(self.device)
         self.model.to(self.device, memory_format=self.fmt)
         self.opt = make_optimizer(cfg, model)
-        self.train_batches = BatchIterator(
-            data.train, cfg.batch_size, seed=cfg.seed, train=True, augment=augment, cutout=cutout,
-            mean=data.mean, std=data.std,
-        )  # fmt: skip
-        self.test_batches = BatchIterator(
-            data.test, eval_batch_size(self.device), seed=cfg.seed, train=False, augment=False, cutout=0,
-            mean=data.mean, std=data.std,
-        )  # fmt: skip
+        self.train_batches = data.iterator(
+            "train", cfg.batch_size, seed=cfg.seed, augment=augment, cutout=cutout
+        )
+        eval_bs = eval_batch_size(self.device)
+        self.val_batches = data.iterator("val", eval_bs, seed=cfg.seed)
+        self.test_batches = data.iterator("test", eval_bs, seed=cfg.seed) if test else None
         self.guard = NonFiniteGuard(stage, cfg.max_nonfinite)
         self.bn_stats = BatchNormStats(model)  # put back when a step is skipped
         if isinstance(model, Network):
@@ -248,15 +250,18 @@ class RetrainLoop:
             self._static.flush()
         train_s = time.perf_counter() - t0
         self.epoch += 1
-        every = cfg.test_every
-        if self.epoch == cfg.epochs or (every and self.epoch % every == 0):
-            test_acc, test_loss = evaluate(model, self.test_batches, self.device)
-        else:  # the final epoch's test accuracy is the one reported; skip the others when asked
-            test_acc = test_loss = float("nan")
+        nan = float("nan")
+        every, last = cfg.eval_every, self.epoch == cfg.epochs
+        due = last or (every > 0 and self.epoch % every == 0)
+        val_acc, val_loss = evaluate(model, self.val_batches, self.device) if due else (nan, nan)
+        # the final epoch's test accuracy is reported next to the validation accuracy that chose the model
+        tested = last and self.test_batches is not None
+        test_acc, test_loss = evaluate(model, self.test_batches, self.device) if tested else (nan, nan)
         rec = {
             "epoch": self.epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "test_acc": test_acc, "test_loss": test_loss, "lr": self.opt.param_groups[0]["lr"],
-            "img_per_s": seen / max(train_s, 1e-9), "epoch_s": time.perf_counter() - t0,
+            "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss,
+            "lr": self.opt.param_groups[0]["lr"], "img_per_s": seen / max(train_s, 1e-9),
+            "epoch_s": time.perf_counter() - t0,
         }  # fmt: skip
         self.history.append(rec)
         if self.callback is not None:

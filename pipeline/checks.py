@@ -24,6 +24,7 @@ class DataMeta:
     image_size: int
     num_classes: int
     train_size: int | None  # None: not counted (image folders)
+    val_size: int | None = None
 
 
 # keys that may change between a run and its resumption (they do not change any result)
@@ -54,7 +55,7 @@ def check_data(data: DataConfig, workers: int, batch_size: int, field: str) -> D
     n = len(b.train)
     if n // workers < batch_size:
         raise InputError(field, batch_size, f"larger than the {n // workers} training images per worker")
-    return DataMeta(b.in_channels, b.image_size, b.num_classes, n)
+    return DataMeta(b.in_channels, b.image_size, b.num_classes, n, len(b.val))
 
 
 def _image_classes(split: Path) -> list[str]:

@@ -65,7 +65,19 @@ class TeacherRunConfig(Strict):
 
     cache_dir: str = "~/.cache/dnad/teachers"
     max_steps_per_epoch: int | None = Field(None, ge=1)
-    test_subset: int | None = Field(2000, ge=1, description="test images for the teacher's accuracy")
+
+
+class DeployConfig(Strict):
+    """What every retrained architecture gets besides its weights: an ONNX file and measured latency."""
+
+    onnx: bool = Field(True, description="export models/<arch_id>/model.onnx and time it in ONNX Runtime")
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset of the export")
+    latency_batch: int = Field(64, ge=1, description="the batch size timed besides batch 1")
+    latency_runs: int = Field(50, ge=50, description="timed runs per figure (the median is recorded)")
+    latency_warmup: int = Field(10, ge=1, description="untimed runs before timing")
+
+    def batches(self) -> list[int]:
+        return sorted({1, self.latency_batch})
 
 
 class RetrainDataConfig(Strict):
@@ -86,6 +98,7 @@ class RunConfig(Strict):
     retrain: RetrainConfig = RetrainConfig()
     retrain_data: RetrainDataConfig = RetrainDataConfig()
     teacher: TeacherRunConfig = TeacherRunConfig()
+    deploy: DeployConfig = DeployConfig()
     sweep: SweepConfig = SweepConfig()
     ray: RayConfig = RayConfig()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dnad.results import architectures_table, metrics_table, summary_table, write_results
+from dnad.results import architectures_table, metrics_table, read_cards, summary_table, write_results
 from pipeline.config import initial_sparsity, sweep_points
 from pipeline.context import RunContext
 from pipeline.progress import read_jsonl
@@ -43,26 +43,31 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
     where = f"{cfg.ray.workers} worker(s) × {'1 GPU' if res.use_gpu else f'{res.search_worker(cfg)} CPU'}"
     return "\n".join([
         f"dnad: {'resuming' if resuming else 'new run'} in {ctx.out}",
-        f"  data     {cfg.data.dataset}: {ctx.train_size or '?'} train images, {m.in_channels}x{m.image_size}x{m.image_size}, "
-        f"{m.num_classes} classes",
+        f"  data     {cfg.data.dataset}: {ctx.train_size or '?'} train images (+{m.val_size or '?'} validation "
+        f"held out), {m.in_channels}x{m.image_size}x{m.image_size}, {m.num_classes} classes",
         f"  ray      {res.cpus} CPUs, {res.gpus} GPUs ({'GPU' if res.use_gpu else 'CPU'} training)",
         f"  search   C={s.supernet.C} × {s.supernet.cells} cells, S0={s0:.2f}, dense {params:,} params, "
         f"{macs / 1e6:.2f} MMACs; {s.epochs} epochs, {kd}; {n} sweep point(s), {where} each",
         f"  retrain  C={r.C}, {r.epochs} epoch(s) on {rd.train_subset or 'all'} images"
         f"{'' if rd.augment else ' (no augmentation)'}, {'AdamW' if r.optimizer == 'adamw' else 'SGD'} lr {r.lr}, "
-        f"batch {r.batch_size}; test on {cfg.data.test_subset or 'all'} test images",
+        f"batch {r.batch_size}; chosen on {m.val_size or '?'} validation images, tested on "
+        f"{cfg.data.test_subset or 'all'} test images",
     ])  # fmt: skip
 
 
 def write_all(ctx: RunContext, archs: pd.DataFrame, retrained: pd.DataFrame) -> str:
     """Write architectures.csv/.parquet and search_metrics.parquet, run the report; the summary table."""
-    table = architectures_table(archs, retrained)
-    rows = [row for f in sorted((ctx.out / "search").glob("*/metrics.jsonl")) for row in read_jsonl(f)]
-    write_results(ctx.out, table, metrics_table(rows))
+    return publish(ctx.out, architectures_table(archs, retrained, read_cards(ctx.out)))
+
+
+def publish(out: Path, table: pd.DataFrame) -> str:
+    """Write a run's results (`table` + the search metrics) and its report; returns the summary table."""
+    rows = [row for f in sorted((out / "search").glob("*/metrics.jsonl")) for row in read_jsonl(f)]
+    write_results(out, table, metrics_table(rows))
     from dnad.report import write_report
 
     try:
-        print(f"[report] {write_report(ctx.out)}")
+        print(f"[report] {write_report(out)}")
     except Exception as e:  # the results are written; a broken report must not fail the run
         print(f"[report] failed: {type(e).__name__}: {e}")
     return summary_table(table)

@@ -145,10 +145,18 @@ def epoch_units(key: Callable[[Row], str]) -> Callable[[Row], tuple[str, int]]:
 
 
 def describe_epoch_row(r: Row) -> str:
-    """`test acc` of an epoch record with a test result, else the running train accuracy and speed."""
-    acc = r.get("test_acc")
-    if acc is not None and acc == acc:  # not NaN: a tested epoch
-        return f"epoch {r['epoch']} test acc {100 * acc:.2f}%"
+    """The validation (and, after the last epoch, test) accuracy of an evaluated epoch record, else the
+    running train accuracy and speed."""
+
+    def pct(key: str) -> float | None:
+        v = r.get(key)
+        return None if v is None or v != v else 100 * float(v)  # None or NaN: not evaluated
+
+    val, test = pct("val_acc"), pct("test_acc")
+    if val is not None:
+        return f"epoch {r['epoch']} val acc {val:.2f}%" + (
+            f", test acc {test:.2f}%" if test is not None else ""
+        )
     where = f"epoch {r['epoch']}" if "epoch" in r else f"{float(r['progress']):.2f} epochs"
     return f"{where} train acc {100 * float(r['train_acc']):.1f}%  {float(r['img_per_s']):.0f} img/s"
 

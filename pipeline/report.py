@@ -8,27 +8,21 @@ Bad input (no such folder, not a run folder): one line `error: ...` on stderr, e
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: the repo root replaces pipeline/ on the path, so that
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # pipeline/profile.py hides no stdlib module
 
 from dnad.errors import InputError
 from dnad.report import write_report
+from pipeline.cli import Parser
 
 __all__ = ["main", "write_report"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="pipeline/report.py", description="Write OUTPUT/report.html for a DNAD run folder.")
+    p = Parser(prog="pipeline/report.py", description="Write OUTPUT/report.html for a DNAD run folder.")
     p.add_argument("output", metavar="OUTPUT", help="the run's output folder (pipeline/run.py --output)")
     p.add_argument("--out", help="write the report here instead of OUTPUT/report.html")
     args = p.parse_args(argv)

@@ -4,7 +4,8 @@ A trial holds one GPU when the cluster has GPUs, else `ray.cpus_per_trial` CPUs 
 threads). It checkpoints every epoch through `ray.tune.report`, so a retried or restored trial resumes
 from its last epoch (`ray.tune.get_checkpoint()`); `FailureConfig(max_failures)` retries it, and a
 trial that still fails is recorded as status "failed" with its error while the run goes on.
-The reported accuracy is the final epoch's top-1 on the test split.
+The validation accuracy (held out of the training images) chooses; the final epoch's top-1 on the
+test split is reported beside it. A finished trial leaves `models/<arch_id>/` (`pipeline.models`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from typing import Any
 
 import pandas as pd
 
+from dnad.results import RETRAIN_COLUMNS
 from pipeline.context import RunContext, thread_count
 from pipeline.progress import EPOCH_SCALE, Progress, describe_epoch_row, epoch_units
 from pipeline.sweep import one_line
 
-RESULT_COLUMNS = ("arch_id", "retrain_epochs", "test_acc", "test_error", "wall_s", "status", "error")
-
 
 def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
-    """Tune function trainable: retrain one genotype."""
+    """Tune function trainable: retrain one genotype, then write its model folder (weights, card, ONNX)
+    and measure its latency on this machine before reporting it done."""
     import torch
     from ray import tune
 
@@ -37,7 +38,8 @@ def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
     cfg, res = ctx.cfg, ctx.resources
     assert res is not None
     arch_id = config["arch_id"]
-    device = worker_setup(thread_count(res.retrain_trial(cfg)["cpu"]), res.use_gpu)
+    threads = thread_count(res.retrain_trial(cfg)["cpu"])
+    device = worker_setup(threads, res.use_gpu)
     dcfg = cfg.retrain_data_config()
     data = load_dataset(dcfg)
     g = Genotype.from_json(config["genotype"])
@@ -57,16 +59,19 @@ def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
     rewind_jsonl(history, lambda r: int(r["epoch"]) <= loop.epoch)  # epochs past the checkpoint rerun
     install_retrain_faults(loop, arch_id)  # test hook; nothing unless DNAD_FAULTS is set
 
-    def metrics(lp: RetrainLoop) -> dict[str, Any]:
+    def metrics(lp: RetrainLoop, done: bool = False) -> dict[str, Any]:
+        last = lp.history[-1]
         return {
-            "arch_id": arch_id, "retrain_epochs": lp.epoch, "test_acc": lp.history[-1]["test_acc"],
-            "wall_s": sum(h["epoch_s"] for h in lp.history), "done": lp.done,
+            "arch_id": arch_id, "retrain_epochs": lp.epoch, "val_acc": last["val_acc"],
+            "test_acc": last["test_acc"], "wall_s": sum(h["epoch_s"] for h in lp.history), "done": done,
         }  # fmt: skip
 
-    if loop.done:  # restored from its final checkpoint (stopped before Tune recorded the last result)
-        report(metrics(loop), None, "", tune=True)
-        return
+    # every epoch leaves a checkpoint; a trial restored from its final one only finishes the model folder
     loop.run(lambda lp: report(metrics(lp), lp.state_dict(), f"checkpoint_{lp.epoch:06d}", tune=True))
+    from pipeline.models import write_model_folder
+
+    write_model_folder(ctx, loop, data, device, threads)
+    report(metrics(loop, done=True), None, "", tune=True)
 
 
 def retrain_entry(config: dict[str, Any], ctx: RunContext, fn: Callable[..., None]) -> None:
@@ -77,10 +82,10 @@ def retrain_entry(config: dict[str, Any], ctx: RunContext, fn: Callable[..., Non
 def _row(arch_id: str, result: Any) -> dict[str, Any]:
     m = result.metrics or {}
     failed = result.error is not None or not m.get("done", False)
-    acc = m.get("test_acc", float("nan"))
+    val, acc = m.get("val_acc", float("nan")), m.get("test_acc", float("nan"))
     return {
-        "arch_id": arch_id, "retrain_epochs": int(m.get("retrain_epochs", 0)), "test_acc": acc,
-        "test_error": 1.0 - acc, "wall_s": float(m.get("wall_s", 0.0)),
+        "arch_id": arch_id, "retrain_epochs": int(m.get("retrain_epochs", 0)), "val_acc": val,
+        "val_error": 1.0 - val, "test_acc": acc, "test_error": 1.0 - acc, "wall_s": float(m.get("wall_s", 0.0)),
         "status": "failed" if failed else "ok",
         "error": one_line(result.error) if result.error is not None else ("" if not failed else "did not finish"),
     }  # fmt: skip
@@ -89,7 +94,7 @@ def _row(arch_id: str, result: Any) -> dict[str, Any]:
 def run_retrain(
     ctx: RunContext, archs: pd.DataFrame, trial: Callable[..., None] = retrain_trial
 ) -> pd.DataFrame:
-    """Retrain every architecture; one row per arch_id with RESULT_COLUMNS (also `retrained.parquet`)."""
+    """Retrain every architecture; one row per arch_id with RETRAIN_COLUMNS (also `retrained.parquet`)."""
     from ray import tune
 
     from pipeline.raytools import fit_tuner
@@ -99,7 +104,7 @@ def run_retrain(
         print("[retrain] already finished")
         return pd.read_parquet(path)
     if archs.empty:
-        return pd.DataFrame(columns=list(RESULT_COLUMNS))
+        return pd.DataFrame(columns=list(RETRAIN_COLUMNS))
     res = ctx.resources
     assert res is not None
     per_trial = res.retrain_trial(ctx.cfg)
@@ -125,7 +130,7 @@ def run_retrain(
     for r in grid:
         arch_id = r.config["arch"]["arch_id"]
         rows[arch_id] = _row(arch_id, r)
-    out = pd.DataFrame([rows[a] for a in archs["arch_id"]], columns=list(RESULT_COLUMNS))
+    out = pd.DataFrame([rows[a] for a in archs["arch_id"]], columns=list(RETRAIN_COLUMNS))
     out.to_parquet(path, index=False)
     ctx.mark_done(
         "retrain", {"ok": int((out["status"] == "ok").sum()), "failed": int((out["status"] != "ok").sum())}

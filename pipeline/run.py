@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: the repo root replaces pipeline/ on the path, so that
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # pipeline/profile.py hides no stdlib module
 
 from dnad.errors import InputError
+from pipeline.cli import Parser
 from pipeline.config import build_config, profiles
 
 MAIN_KEYS = """main keys (key=value, dotted, values parsed as YAML):
@@ -29,14 +30,8 @@ MAIN_KEYS = """main keys (key=value, dotted, values parsed as YAML):
   ray.workers ray.use_gpu ray.cpus_per_trial ray.storage ray.max_failures teacher.cache_dir"""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2 (argparse prints the usage too)
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(
+    p = Parser(
         prog="pipeline/run.py",
         description="DNAD neural architecture search on Ray: a Pareto family of classifiers from one search.",
         epilog=f"profiles: {', '.join(profiles())} (default: quick)\n{MAIN_KEYS}",

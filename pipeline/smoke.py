@@ -31,7 +31,7 @@ def smoke_dict(base: RunConfig) -> dict[str, Any]:
     }  # fmt: skip
     d["search"].update(epochs=2, warmup_epochs=1, max_steps_per_epoch=1, batch_size=bs, log_every=1)
     d["search"]["distill"]["teacher"].update(epochs=1, batch_size=bs)
-    d["teacher"].update(max_steps_per_epoch=1, test_subset=None)
+    d["teacher"].update(max_steps_per_epoch=1)
     d["retrain"].update(epochs=1, batch_size=bs, max_steps_per_epoch=2)
     d["retrain_data"] = {"train_subset": "same"}
     d["sweep"] = {}

@@ -26,7 +26,7 @@ from pipeline.progress import (
     rewind_jsonl,
 )
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the teacher's accuracy is measured on the validation split
 
 
 def teacher_hash(cfg: RunConfig) -> str:
@@ -49,14 +49,15 @@ def teacher_recipe(cfg: RunConfig) -> RetrainConfig:
     )  # fmt: skip
 
 
-def teacher_spec(cfg: RunConfig, data: Any, test_acc: float | None) -> dict[str, Any]:
-    """The `teacher.json` of a trained teacher (how to rebuild it, its accuracy, its cache key)."""
+def teacher_spec(cfg: RunConfig, data: Any, val_acc: float | None) -> dict[str, Any]:
+    """The `teacher.json` of a trained teacher (how to rebuild it, its validation accuracy, its cache
+    key)."""
     return {
         "teacher": cfg.search.distill.teacher.model_dump(mode="json"),
         "num_classes": data.num_classes,
         "in_channels": data.in_channels,
         "image_size": data.image_size,
-        "test_acc": test_acc,
+        "val_acc": val_acc,
         "config_hash": teacher_hash(cfg),
     }
 
@@ -75,9 +76,6 @@ def teacher_worker(config: dict[str, Any]) -> None:
     device = worker_setup(config["threads"], config["use_gpu"])
     dcfg = cfg.retrain_data_config()
     data = load_dataset(dcfg)
-    k = cfg.teacher.test_subset
-    if k and k < len(data.test):  # the teacher's accuracy is only informative: a subset will do
-        data = load_dataset(dcfg.model_copy(update={"test_subset": k}))
     t = cfg.search.distill.teacher
     torch.manual_seed(dcfg.seed)  # the initial weights do not depend on the worker process's RNG state
     model = make_teacher(t, data.num_classes, data.in_channels, data.image_size)
@@ -94,6 +92,7 @@ def teacher_worker(config: dict[str, Any]) -> None:
         0,
         "teacher",
         progress=lambda r: append_jsonl(ticks, r),
+        test=False,  # the teacher is judged on the validation split; the test split stays unseen
     )
     state = read_checkpoint(ray.train.get_checkpoint())
     if state is not None:
@@ -101,14 +100,14 @@ def teacher_worker(config: dict[str, Any]) -> None:
     rewind_jsonl(metrics, lambda r: int(r["epoch"]) <= loop.epoch)  # epochs past the checkpoint rerun
 
     def on_epoch_end(lp: RetrainLoop) -> None:
-        acc = lp.history[-1]["test_acc"]
+        acc = lp.history[-1]["val_acc"]
 
         def add_teacher(d: Path) -> None:
             if lp.done:
                 save_teacher(d / "teacher", lp.model, teacher_spec(cfg, data, acc))
 
         report(
-            {"epoch": lp.epoch, "test_acc": acc},
+            {"epoch": lp.epoch, "val_acc": acc},
             lp.state_dict(),
             f"checkpoint_{lp.epoch:06d}",
             extra=add_teacher,
@@ -171,8 +170,8 @@ def run_teacher(ctx: RunContext) -> str | None:
         return path
     dest = Path(ctx.cfg.teacher.cache_dir).expanduser().resolve() / teacher_hash(ctx.cfg)
     if (dest / "teacher.json").is_file():
-        acc = json.loads((dest / "teacher.json").read_text()).get("test_acc")
-        print(f"[teacher] cached: {dest}" + (f" (test acc {100 * acc:.2f}%)" if acc is not None else ""))
+        acc = json.loads((dest / "teacher.json").read_text()).get("val_acc")
+        print(f"[teacher] cached: {dest}" + (f" (val acc {100 * acc:.2f}%)" if acc is not None else ""))
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if d.teacher.epochs == 0:

@@ -34,7 +34,7 @@ CASES = [
      ["search.supernet.ops=", "conv_9x9", "registered ops"]),
     ("empty-op-set", ["--smoke-test", "search.supernet.ops=[]"], ["search.supernet.ops=[]", "op set is empty"]),
     ("batch-larger-than-data", ["--smoke-test", "search.batch_size=1000"],
-     ["search.batch_size=1000", "larger than the 256 training images"]),
+     ["search.batch_size=1000", "larger than the 230 training images"]),
     ("missing-fashion-mnist", ["data.root={t}/nonexistent"],
      ["data.root=", "/nonexistent", "apt-get install dataset-fashion-mnist"]),
     ("imagefolder-without-classes", ["data.dataset=imagefolder", "data.root={t}/img_empty"],

@@ -12,7 +12,7 @@ from dnad.config import DataConfig
 from dnad.data import BatchIterator, FolderSplit, TensorSplit, describe, load_dataset
 from dnad.errors import DatasetNotFoundError, InputError
 
-FAKE = DataConfig(dataset="fake", fake_size=512)
+FAKE = DataConfig(dataset="fake", fake_size=640, val_size=128)  # 512 training images
 
 
 def _rows(images: torch.Tensor) -> set[bytes]:
@@ -28,14 +28,16 @@ def _denorm(x: torch.Tensor, mean, std) -> torch.Tensor:
 @pytest.mark.data
 def test_real_fashion_mnist():
     b = load_dataset(DataConfig())
-    assert (len(b.train), len(b.test), b.val) == (60000, 10000, None)
-    assert b.train.images.shape == (60000, 1, 28, 28) and b.train.images.dtype == torch.uint8
+    assert (len(b.train), len(b.val), len(b.test)) == (54000, 6000, 10000)  # val_size 0.1 of train
+    assert b.train.images.shape == (54000, 1, 28, 28) and b.train.images.dtype == torch.uint8
     assert b.test.images.shape == (10000, 1, 28, 28)
     assert (b.in_channels, b.image_size, b.num_classes) == (1, 28, 10)
     assert b.train.labels.dtype == torch.int64 and b.train.labels.min() == 0 and b.train.labels.max() == 9
-    assert torch.bincount(b.train.labels).tolist() == [6000] * 10
+    assert torch.bincount(b.train.labels).tolist() == [5400] * 10  # stratified
+    assert torch.bincount(b.val.labels).tolist() == [600] * 10
+    assert not _rows(b.train.images[:2000]) & _rows(b.val.images)
     assert b.mean == (0.2860,) and b.std == (0.3530,)
-    assert describe(b) == "fashion_mnist: 60000 train / 0 val / 10000 test, 1x28x28, 10 classes"
+    assert describe(b) == "fashion_mnist: 54000 train / 6000 val / 10000 test, 1x28x28, 10 classes"
     # the statistics match the data
     assert abs(b.train.images.float().mean().item() / 255 - 0.2860) < 1e-3
 
@@ -65,8 +67,8 @@ def _tiny_fmnist(root, gz=True, n=(30, 10)) -> None:
 def test_fashion_mnist_idx_parser(tmp_path, gz):
     _tiny_fmnist(tmp_path, gz)
     b = load_dataset(DataConfig(root=str(tmp_path)))
-    assert b.train.images.shape == (30, 1, 28, 28) and len(b.test) == 10
-    assert b.train.labels.tolist() == [i % 10 for i in range(30)]
+    assert b.train.images.shape == (27, 1, 28, 28) and len(b.val) == 3 and len(b.test) == 10
+    assert sorted(b.train.labels.tolist() + b.val.labels.tolist()) == sorted(i % 10 for i in range(30))
 
 
 def test_fashion_mnist_corrupt_file(tmp_path):
@@ -117,7 +119,8 @@ def test_cifar_from_fake_pickles(tmp_path, monkeypatch, hundred):
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda p, md5=None: os.path.isfile(p))
     b = load_dataset(DataConfig(dataset=name, root=str(tmp_path)))
     n_train = 100 if not hundred else 20  # five batch files vs one "train" file
-    assert b.train.images.shape == (n_train, 3, 32, 32) and b.test.images.shape == (20, 3, 32, 32)
+    assert len(b.train) + len(b.val) == n_train and len(b.val) == n_train // 10
+    assert b.train.images.shape[1:] == (3, 32, 32) and b.test.images.shape == (20, 3, 32, 32)
     assert (b.in_channels, b.image_size, b.num_classes) == (3, 32, 100 if hundred else 10)
     assert b.train.labels.dtype == torch.int64 and b.test.labels[:3].tolist() == [0, 7, 14 % b.num_classes]
     assert b.test.images[:, 0, 0, 0].unique().tolist() == [5 if not hundred else 1]  # HWC -> CHW kept pixels
@@ -145,7 +148,7 @@ def _write_tree(root, sizes=((40, 30), (20, 50), (33, 33))) -> None:
 def test_imagefolder(tmp_path):
     _write_tree(tmp_path)
     b = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16))
-    assert isinstance(b.train, FolderSplit) and (len(b.train), len(b.test)) == (6, 4)
+    assert isinstance(b.train, FolderSplit) and (len(b.train), len(b.val), len(b.test)) == (5, 1, 4)
     assert (b.in_channels, b.image_size, b.num_classes, b.classes) == (3, 16, 2, ("ant", "bee"))
     x, y = b.test[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 0
@@ -164,7 +167,7 @@ def test_imagefolder(tmp_path):
     # imagenet = imagefolder with 1000 classes unless told otherwise
     with pytest.raises(InputError, match=r"data\.num_classes"):
         load_dataset(DataConfig(dataset="imagenet", root=str(tmp_path)))
-    b = load_dataset(DataConfig(dataset="imagenet", root=str(tmp_path), num_classes=2, val_fraction=0.5))
+    b = load_dataset(DataConfig(dataset="imagenet", root=str(tmp_path), num_classes=2, val_size=0.5))
     assert b.mean == (0.485, 0.456, 0.406) and len(b.val) == 3 and len(b.train) == 3
 
 
@@ -180,43 +183,54 @@ def test_imagefolder_empty(tmp_path):
 # -------------------------------------------------------------------------------------- fake and subsets
 def test_fake_shapes_and_determinism():
     b = load_dataset(DataConfig(dataset="fake", fake_size=40, channels=1, image_size=12, num_classes=4))
-    assert isinstance(b.train, TensorSplit) and b.train.images.shape == (40, 1, 12, 12)
+    assert isinstance(b.train, TensorSplit) and b.train.images.shape == (36, 1, 12, 12) and len(b.val) == 4
     assert b.test.images.shape == (10, 1, 12, 12) and (b.in_channels, b.image_size, b.num_classes) == (
         1,
         12,
         4,
     )
-    assert torch.bincount(b.train.labels).tolist() == [10] * 4
+    assert (
+        torch.bincount(b.train.labels).tolist() == [9] * 4
+        and torch.bincount(b.val.labels).tolist() == [1] * 4
+    )
     b2 = load_dataset(
         DataConfig(dataset="fake", fake_size=40, channels=1, image_size=12, num_classes=4, seed=3)
     )
-    assert torch.equal(b.train.images, b2.train.images)  # the data are fixed; the seed picks splits
+    # the data are fixed; the seed picks the splits
+    assert _rows(torch.cat([b.train.images, b.val.images])) == _rows(
+        torch.cat([b2.train.images, b2.val.images])
+    )
+    assert _rows(b.val.images) != _rows(b2.val.images)
     b3 = load_dataset(FAKE)
-    assert b3.train.images.shape == (512, 3, 32, 32) and len(b3.test) == 128 and b3.mean == (0.5,) * 3
+    assert b3.train.images.shape == (512, 3, 32, 32) and len(b3.test) == 160 and b3.mean == (0.5,) * 3
 
 
 def test_subsets_and_val_split():
-    b = load_dataset(
-        DataConfig(dataset="fake", fake_size=512, train_subset=200, val_fraction=0.25, test_subset=50)
-    )
-    assert (len(b.train), len(b.val), len(b.test)) == (150, 50, 50)
-    full = load_dataset(FAKE)
+    """The validation split is held out of the whole training split first (stratified, seeded), so it
+    is the same whatever `train_subset` is and never overlaps any training subset."""
+    cfg = DataConfig(dataset="fake", fake_size=500, train_subset=200, val_size=0.2, test_subset=50)
+    b = load_dataset(cfg)
+    assert (len(b.train), len(b.val), len(b.test)) == (200, 100, 50)
+    whole = load_dataset(DataConfig(dataset="fake", fake_size=500, val_size=100))
+    assert len(whole.train) == 400 and len(whole.val) == 100
     tr, va = _rows(b.train.images), _rows(b.val.images)
-    assert len(tr) == 150 and not tr & va and (tr | va) <= _rows(full.train.images)
-    assert _rows(b.test.images) <= _rows(full.test.images)
-    counts = torch.bincount(torch.cat([b.train.labels, b.val.labels]), minlength=10)
-    assert counts.min() >= 19 and counts.max() <= 21  # stratified
-    assert torch.bincount(b.val.labels, minlength=10).tolist() == [5] * 10
-    same = load_dataset(
-        DataConfig(dataset="fake", fake_size=512, train_subset=200, val_fraction=0.25, test_subset=50)
-    )
+    assert len(tr) == 200 and not tr & va and va == _rows(whole.val.images)  # same val for any subset
+    assert tr <= _rows(whole.train.images)
+    assert _rows(b.test.images) <= _rows(whole.test.images)
+    assert torch.bincount(b.val.labels, minlength=10).tolist() == [10] * 10  # stratified
+    assert torch.bincount(b.train.labels, minlength=10).tolist() == [20] * 10
+    same = load_dataset(cfg)
     assert torch.equal(same.train.images, b.train.images) and torch.equal(same.val.images, b.val.images)
-    other = load_dataset(DataConfig(dataset="fake", fake_size=512, train_subset=200, seed=1))
-    assert _rows(other.train.images) != tr | va
+    other = load_dataset(cfg.model_copy(update={"seed": 1}))
+    assert _rows(other.val.images) != va
+    with pytest.raises(ValueError, match="val_size"):
+        DataConfig(val_size=0)
+    with pytest.raises(InputError, match=r"data\.val_size=500.*leaves no training image"):
+        load_dataset(DataConfig(dataset="fake", fake_size=500, val_size=500))
 
 
 def test_subset_too_large():
-    with pytest.raises(InputError, match=r"data\.train_subset=600.*512"):
+    with pytest.raises(InputError, match=r"data\.train_subset=600.*51 validation images.*461 images"):
         load_dataset(DataConfig(dataset="fake", train_subset=600))
     with pytest.raises(InputError, match=r"data\.test_subset=129.*128"):
         load_dataset(DataConfig(dataset="fake", test_subset=129))
@@ -311,7 +325,7 @@ def test_eval_covers_test_once(fake):
         fake.test, 50, seed=0, train=False, augment=True, cutout=8, mean=fake.mean, std=fake.std
     )
     batches = list(it.iterate(7))
-    assert [len(y) for _, y in batches] == [50, 50, 28] and it.num_batches(0) == 3
+    assert [len(y) for _, y in batches] == [50, 50, 50, 10] and it.num_batches(0) == 4
     x = torch.cat([b[0] for b in batches])
     assert torch.equal(_denorm(x, fake.mean, fake.std), fake.test.images)  # in order, unaugmented
     assert torch.equal(torch.cat([b[1] for b in batches]), fake.test.labels)
@@ -322,5 +336,3 @@ def test_drop_last_and_batch_too_large(fake):
     assert it.num_batches(0) == 5 and all(len(y) == 100 for _, y in it.iterate(0))
     with pytest.raises(InputError, match="batch_size=600"):
         _it(fake, batch_size=600)
-    with pytest.raises(InputError, match="val_fraction"):
-        fake.iterator("val", 8, seed=0)

@@ -73,7 +73,9 @@ def synthetic_archs(genotypes: list[Genotype]) -> pd.DataFrame:
             "phi": 1.05, "t_max": 10, "s_min": 120.0, "sparsity": "uniform", "emission_index": a // 2,
             "step": 10 * (a // 2 + 1), "epoch": a // 2, "S": 100.0 - a, "alive_pairs": g.num_pairs,
             "params": 100_000 * (a + 1), "macs": 2_000_000 * (n - a) + 500_000 * a, "retrain_epochs": 2,
-            "test_error": np.nan if failed else errors[a], "test_acc": np.nan if failed else 1 - errors[a],
+            "val_error": np.nan if failed else errors[a], "val_acc": np.nan if failed else 1 - errors[a],
+            "test_error": np.nan if failed else errors[a] + 0.003, "test_acc": np.nan if failed else 0.997 - errors[a],
+            "latency_ms_torch": np.nan if failed else 5.0 + a, "latency_ms_onnx": np.nan if failed else 0.5 + 0.1 * a,
             "wall_s": 1.0, "status": "failed" if failed else "ok", "error": "boom" if failed else "",
             "is_pareto_macs": False, "is_pareto_params": False, "ptflops_version": "0.7.4", "ptflops_backend": "pytorch",
         })  # fmt: skip
@@ -119,10 +121,12 @@ def make_run_folder(out: Path, n: int = 6) -> pd.DataFrame:
 
 
 def brute_force_front(archs: pd.DataFrame, cost: str) -> list[tuple[float, float]]:
+    """The non-dominated (cost, validation error) points: validation chooses, never the test split."""
+    costs = archs["latency_ms_onnx"] if cost == "latency" else archs[cost]
     pts = [
-        (float(r[cost]), float(r["test_error"]))
-        for _, r in archs.iterrows()
-        if r["status"] == "ok" and not pd.isna(r["test_error"])
+        (float(c), float(r["val_error"]))
+        for c, (_, r) in zip(costs, archs.iterrows())
+        if r["status"] == "ok" and not pd.isna(r["val_error"])
     ]
     front = [p for p in pts if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pts)]
     return sorted(front)
@@ -140,13 +144,17 @@ def trace(fig, name: str) -> dict:
 
 
 # -- Pareto figure --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cost", ["macs", "params"])
+@pytest.mark.parametrize("cost", ["macs", "params", "latency"])
 def test_pareto_axes_and_series(archs, cost):
     fig = pareto_figure(archs, cost)
     layout = fig.to_dict()["layout"]
     assert layout["xaxis"]["type"] == "log"
-    assert ("MACs" if cost == "macs" else "parameters") in layout["xaxis"]["title"]["text"]
-    assert layout["yaxis"]["title"]["text"] == "test error"
+    assert {"macs": "MACs", "params": "parameters", "latency": "ms"}[cost] in layout["xaxis"]["title"]["text"]
+    assert layout["yaxis"]["title"]["text"].startswith("validation error")
+    assert (
+        pareto_figure(archs, cost, error="test_error").to_dict()["layout"]["yaxis"]["title"]["text"]
+        == "test error"
+    )
     names = [t["name"] for t in fig.to_dict()["data"]]
     assert names == ["trial t0 · T=1", "trial t1 · T=4", PARETO_NAME]  # coloured by trial / temperature
     colors = {t["name"]: t["marker"]["color"] for t in fig.to_dict()["data"][:2]}
@@ -156,7 +164,7 @@ def test_pareto_axes_and_series(archs, cost):
     assert drawn == int((archs["status"] == "ok").sum())
 
 
-@pytest.mark.parametrize("cost", ["macs", "params"])
+@pytest.mark.parametrize("cost", ["macs", "params", "latency"])
 def test_pareto_step_line_is_the_sorted_front(archs, cost):
     t = trace(pareto_figure(archs, cost), PARETO_NAME)
     assert t["line"]["shape"] == "hv"
@@ -173,7 +181,9 @@ def test_pareto_hover_text(archs):
     assert row["arch_id"] in text
     assert f"{row['params']:,}" in text
     assert f"{row['macs'] / 1e6:,.2f} M" in text
-    assert f"{100 * row['test_error']:.2f}%" in text
+    assert f"validation error {100 * row['val_error']:.2f}% (chooses)" in text
+    assert f"test error {100 * row['test_error']:.2f}% (reported)" in text
+    assert f"latency {row['latency_ms_onnx']:.2f} ms" in text
     assert f"emission {row['emission_index']} at step {row['step']}" in text
 
 
@@ -299,14 +309,17 @@ def test_results_table_marks_pareto_rows(archs):
     p = _Rows()
     p.feed(results_table_html(archs))
     assert len(p.rows) == len(archs)
-    pareto = set(archs[archs["is_pareto_macs"] | archs["is_pareto_params"]]["arch_id"])
+    pareto = set(
+        archs[archs["is_pareto_macs"] | archs["is_pareto_params"] | archs["is_pareto_latency"]]["arch_id"]
+    )
     assert {a for a, cls, _ in p.rows if "pareto" in cls.split()} == pareto
     for a, _cls, cells in p.rows:
         assert cells[-1].startswith("★") == (a in pareto)
-    both = archs[archs["is_pareto_macs"] & archs["is_pareto_params"]]["arch_id"]
-    assert all(next(c for x, _, c in p.rows if x == a)[-1].strip() == "★ M+P" for a in both)
-    # best accuracy first, failed rows last and marked
-    assert p.rows[0][0] == archs.loc[archs["test_acc"].idxmax(), "arch_id"]
+    for _, r in archs[archs["arch_id"].isin(pareto)].iterrows():
+        want = "+".join(n for n, f in zip("MPL", ("macs", "params", "latency")) if r[f"is_pareto_{f}"])
+        assert next(c for x, _, c in p.rows if x == r["arch_id"])[-1].strip() == f"★ {want}"
+    # best validation accuracy first (not the best test accuracy), failed rows last and marked
+    assert p.rows[0][0] == archs.loc[archs["val_acc"].idxmax(), "arch_id"]
     assert "not-ok" in p.rows[-1][1] and "failed" in p.rows[-1][2]
     assert "<table" in results_table_html(archs) and "No architectures" in results_table_html(archs.iloc[:0])
 
@@ -323,15 +336,16 @@ def test_write_report_finished_run(tmp_path):
     text = path.read_text()
     assert text.count("<script") >= 1 and 'src="http' not in text  # plotly.js inlined: opens offline
     assert "plotly.js v" in text or "Plotly" in text
-    pareto = archs[archs["is_pareto_macs"] | archs["is_pareto_params"]]
+    pareto = archs[archs["is_pareto_macs"] | archs["is_pareto_params"] | archs["is_pareto_latency"]]
     divs = plotly_divs(text)
-    assert divs[:3] == ["pareto-macs", "pareto-params", "dynamics"]
+    assert divs[:4] == ["pareto-macs", "pareto-params", "pareto-latency", "dynamics"]
     assert len([d for d in divs if d.startswith("cells-")]) == len(pareto)
     for a in pareto["arch_id"]:
         assert f"<code>{a}</code>" in text
     assert "synthetic" in text and "fashion_mnist" in text
-    best = archs.loc[archs["test_acc"].idxmax()]
-    assert f"{100 * best['test_acc']:.2f}%" in text
+    best = archs.loc[archs["val_acc"].idxmax()]  # the best is the best on validation, its test beside it
+    assert f"{100 * best['val_acc']:.2f}% val, {100 * best['test_acc']:.2f}% test ({best['arch_id']}" in text
+    assert "never used to choose" in text
     assert REFERENCE_NAME in text
     assert not list((tmp_path / "run").glob(".report.html.*"))  # no temp file left behind
 
@@ -341,8 +355,9 @@ def test_write_report_half_finished_run(tmp_path):
     out = tmp_path / "run"
     genotypes = synthetic_genotypes(3)
     archs = synthetic_archs(genotypes)
-    collected = archs.drop(columns=["retrain_epochs", "test_error", "test_acc", "wall_s", "status", "error",
-                                    "is_pareto_macs", "is_pareto_params"])  # fmt: skip
+    collected = archs.drop(columns=["retrain_epochs", "val_error", "val_acc", "test_error", "test_acc", "wall_s",
+                                    "status", "error", "is_pareto_macs", "is_pareto_params", "is_pareto_latency",
+                                    "latency_ms_torch", "latency_ms_onnx"])  # fmt: skip
     collected = collected.assign(genotype=[g.to_json() for g in genotypes])
     out.mkdir()
     collected.to_parquet(out / "collected.parquet", index=False)  # genotypes only in the parquet
@@ -354,21 +369,27 @@ def test_write_report_half_finished_run(tmp_path):
     a0, a1, a2 = (g.arch_id for g in genotypes)
     for e, acc in ((1, 0.7), (2, 0.8)):
         with open(out / "retrain" / f"{a0}.jsonl", "a") as f:
-            f.write(json.dumps({"arch_id": a0, "epoch": e, "test_acc": acc, "epoch_s": 1.5}) + "\n")
+            f.write(
+                json.dumps(
+                    {"arch_id": a0, "epoch": e, "val_acc": acc, "test_acc": acc - 0.01, "epoch_s": 1.5}
+                )
+                + "\n"
+            )
     (out / "retrain" / f"{a1}.jsonl").write_text(
-        json.dumps({"arch_id": a1, "epoch": 1, "test_acc": 0.6}) + "\n"
+        json.dumps({"arch_id": a1, "epoch": 1, "val_acc": 0.6, "test_acc": float("nan")}) + "\n"
     )
 
     res = load_partial_run(out)
     status = dict(zip(res.architectures["arch_id"], res.architectures["status"]))
     assert status == {a0: "ok", a1: "running", a2: "pending"}
-    assert res.architectures.set_index("arch_id").loc[a0, "test_acc"] == pytest.approx(0.8)
+    assert res.architectures.set_index("arch_id").loc[a0, "val_acc"] == pytest.approx(0.8)
+    assert res.architectures.set_index("arch_id").loc[a0, "test_acc"] == pytest.approx(0.79)
     assert res.architectures.set_index("arch_id").loc[a0, "wall_s"] == pytest.approx(3.0)
     assert list(res.architectures["is_pareto_macs"]) == [True, False, False]  # only finished rows
     assert len(res.search_metrics) == 5 and res.search_metrics["trial_id"].unique().tolist() == ["t0"]
 
     text = write_report(out).read_text()
-    assert plotly_divs(text) == ["pareto-macs", "pareto-params", "dynamics", "cells-0"]
+    assert plotly_divs(text) == ["pareto-macs", "pareto-params", "pareto-latency", "dynamics", "cells-0"]
     assert "running" in text and "pending" in text
     with pytest.raises(FileNotFoundError):
         load_run(out)  # the strict loader wants a finished run
@@ -418,3 +439,20 @@ def test_cli_bad_folders(tmp_path, capsys):
     (tmp_path / "run" / "architectures.parquet").write_text("not parquet")
     assert report.main([str(tmp_path / "run")]) == 2
     assert "cannot read the run" in capsys.readouterr().err
+
+
+def test_config_summary_names_the_teacher_that_is_used():
+    from dnad.report import config_summary
+
+    def kd(teacher: dict) -> str:
+        cfg = {"search": {"distill": {"enabled": True, "temperature": 4.0, "teacher": teacher}}}
+        return next(line for line in config_summary(cfg).splitlines() if line.startswith("search"))
+
+    genotype = {
+        "kind": "genotype",
+        "arch": "resnet18",
+        "genotype": "/x/configs/teachers/darts_v2_5cells.json",
+    }
+    assert "KD T=4.0 from genotype:darts_v2_5cells.json" in kd(genotype)  # not the unused arch default
+    assert "from torchvision:resnet34" in kd({"kind": "torchvision", "arch": "resnet34", "genotype": None})
+    assert "from checkpoint:t1" in kd({"kind": "checkpoint", "arch": "resnet18", "checkpoint": "/c/t1"})

@@ -54,8 +54,12 @@ def test_notebook_structure(name):
 def check_pareto_report(nb: nbformat.NotebookNode) -> None:
     figs = plotly_figures(nb)
     titles = [f["layout"]["title"]["text"] for f in figs]
-    assert titles[:2] == ["Test error vs MACs", "Test error vs parameters"]
-    assert any(t.startswith("Cells of ") for t in titles[2:])
+    assert titles[:3] == [
+        "Validation error vs MACs",
+        "Validation error vs parameters",
+        "Validation error vs latency",
+    ]
+    assert any(t.startswith("Cells of ") for t in titles[3:])
     assert any("results" in o.get("data", {}).get("text/html", "") for o in outputs(nb))
 
 

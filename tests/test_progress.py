@@ -42,9 +42,13 @@ def test_progress_line_sums_trials_in_fractional_epochs(tmp_path):
 
 
 def test_describe_epoch_row_never_prints_nan():
-    tested = describe_epoch_row({"epoch": 2, "test_acc": 0.8512, "train_acc": 0.8, "img_per_s": 9.0})
-    assert tested == "epoch 2 test acc 85.12%"
-    untested = describe_epoch_row({"epoch": 1, "test_acc": math.nan, "train_acc": 0.71, "img_per_s": 55.4})
+    validated = describe_epoch_row({"epoch": 2, "val_acc": 0.8512, "test_acc": math.nan, "train_acc": 0.8})
+    assert validated == "epoch 2 val acc 85.12%"
+    last = describe_epoch_row({"epoch": 3, "val_acc": 0.8512, "test_acc": 0.8433, "train_acc": 0.8})
+    assert last == "epoch 3 val acc 85.12%, test acc 84.33%"
+    untested = describe_epoch_row(
+        {"epoch": 1, "val_acc": math.nan, "test_acc": math.nan, "train_acc": 0.71, "img_per_s": 55.4}
+    )
     assert "nan" not in untested and "train acc 71.0%" in untested and "55 img/s" in untested
     within = describe_epoch_row({"progress": 0.42, "train_acc": 0.5, "img_per_s": 60.0})
     assert within.startswith("0.42 epochs train acc 50.0%")

@@ -218,8 +218,8 @@ def test_synthetic_report_renders_without_errors(browser, tmp_path):
     report = write_report(tmp_path / "run")
     r = browser.open(report, screenshot=tmp_path / "report.png")
     assert_clean_render(r)
-    pareto = int((archs["is_pareto_macs"] | archs["is_pareto_params"]).sum())
-    assert r.state["divs"] == 3 + pareto  # two Pareto plots, dynamics, one cell diagram per Pareto arch
+    pareto = int((archs["is_pareto_macs"] | archs["is_pareto_params"] | archs["is_pareto_latency"]).sum())
+    assert r.state["divs"] == 4 + pareto  # three Pareto plots, dynamics, one cell diagram per Pareto arch
     assert r.screenshot is not None and r.screenshot.stat().st_size > 50_000
     keep_artifact(r.screenshot, "report-synthetic.png")
 

@@ -20,11 +20,20 @@ def test_smoke_run_results_follow_the_schema(smoke_run):
     assert list(csv["arch_id"]) == list(archs["arch_id"])
     assert archs["arch_id"].is_unique and len(archs) >= 1
     ok = archs[archs["status"] == "ok"]
-    assert ((ok["test_acc"] >= 0) & (ok["test_acc"] <= 1)).all()
-    assert (ok["test_error"] - (1 - ok["test_acc"])).abs().max() < 1e-9
+    for split in ("val", "test"):
+        assert ((ok[f"{split}_acc"] >= 0) & (ok[f"{split}_acc"] <= 1)).all()
+        assert (ok[f"{split}_error"] - (1 - ok[f"{split}_acc"])).abs().max() < 1e-9
     assert (archs["params"] > 0).all() and (archs["macs"] > 0).all()
     assert (archs["ptflops_backend"] == "aten").all() and archs["ptflops_version"].str.len().gt(0).all()
-    assert list(archs["is_pareto_macs"]) == list(pareto_mask(archs["test_error"], archs["macs"]))
+    # the fronts are decided on the validation error (never the test error)
+    err = archs["val_error"].where(archs["status"] == "ok")
+    assert list(archs["is_pareto_macs"]) == list(pareto_mask(err, archs["macs"]))
+    assert list(archs["is_pareto_params"]) == list(pareto_mask(err, archs["params"]))
+    assert list(archs["is_pareto_latency"]) == list(pareto_mask(err, archs["latency_ms_onnx"]))
+    assert (ok["latency_ms_torch"] > 0).all() and (ok["latency_ms_onnx"] > 0).all()
+    assert (ok["latency_batch"] == 64).all() and (ok["latency_ms_onnx_batch"] > ok["latency_ms_onnx"]).all()
+    assert (ok["latency_threads"] == 1).all() and ok["latency_device"].str.startswith("cpu: ").all()
+    assert list(ok["model_dir"]) == [f"models/{a}" for a in ok["arch_id"]]
     for arch_id in archs["arch_id"]:  # one genotype file per row, and its id is its hash
         g = Genotype.load(smoke_run / "genotypes" / f"{arch_id}.json")
         assert g.arch_id == arch_id

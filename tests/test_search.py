@@ -112,15 +112,23 @@ def test_retrain_emitted_architecture(data, emitted):
     assert loop.p_max > 0
 
 
-def test_retrain_test_every_zero_tests_only_after_the_last_epoch(data, emitted):
+@pytest.mark.parametrize(("every", "validated"), [(0, [False, False, True]), (2, [False, True, True])])
+def test_retrain_validates_every_n_epochs_and_tests_only_after_the_last(data, emitted, every, validated):
     import math
 
     g = emitted
     model = build_model(g, C=4, num_classes=data.num_classes, in_channels=3, image_size=16)
     recs = []
-    RetrainLoop(tiny_retrain(epochs=3, test_every=0), model, data, callback=recs.append).run()
-    assert [math.isnan(r["test_acc"]) for r in recs] == [True, True, False]
-    assert 0.0 <= recs[-1]["test_acc"] <= 1.0
+    RetrainLoop(tiny_retrain(epochs=3, eval_every=every), model, data, callback=recs.append).run()
+    assert [not math.isnan(r["val_acc"]) for r in recs] == validated
+    assert [math.isnan(r["test_acc"]) for r in recs] == [
+        True,
+        True,
+        False,
+    ]  # the test split: once, at the end
+    assert 0.0 <= recs[-1]["test_acc"] <= 1.0 and 0.0 <= recs[-1]["val_acc"] <= 1.0
+    untested = RetrainLoop(tiny_retrain(epochs=1), model, data, test=False).run()
+    assert math.isnan(untested["test_acc"]) and not math.isnan(untested["val_acc"])
 
 
 def test_retrain_reports_progress_within_each_epoch(data, emitted):
