@@ -33,19 +33,26 @@ class CellPlan:
         return self.C * self.nodes
 
 
+STEMS = ("cifar", "half", "imagenet")
+STEM_STRIDE = {"cifar": 1, "half": 2, "imagenet": 8}  # input side / side of the first cell's input
+
+
 def resolve_stem(stem: str, image_size: int) -> str:
-    """'auto' -> 'imagenet' for large images (≥ 128 px), else 'cifar'."""
+    """'auto' by resolution: 'cifar' (stride 1) below 64 px, 'half' (a stride-2 CIFAR stem) from 64 to
+    127 px, 'imagenet' (stride 8) from 128 px, so the cells work on maps of 16-63 px (an ImageNet image
+    at 224 px: 28). Teachers follow the same choice (`dnad.distill.ResNetTeacher`), so the student's
+    and the teacher's stage features have the same resolutions."""
     if stem == "auto":
-        return "imagenet" if image_size >= 128 else "cifar"
-    if stem not in ("cifar", "imagenet"):
-        raise ValueError(f"unknown stem {stem!r}; use 'cifar', 'imagenet' or 'auto'")
+        return "cifar" if image_size < 64 else "half" if image_size < 128 else "imagenet"
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; use one of {', '.join(STEMS)} or 'auto'")
     return stem
 
 
 def plan_cells(C: int, num_cells: int, stem: str, nodes: int = 4) -> list[CellPlan]:
     """Channel plan of the skeleton. CIFAR stem outputs 3C; ImageNet stems output C (and reduce)."""
     reds = set(reduction_indices(num_cells))
-    C_prev2 = C_prev = 3 * C if stem == "cifar" else C
+    C_prev2 = C_prev = C if stem == "imagenet" else 3 * C
     reduction_prev = stem == "imagenet"
     C_cur, plans = C, []
     for i in range(num_cells):
@@ -64,7 +71,8 @@ def stage_taps(num_cells: int) -> tuple[int, int, int]:
 
 
 class Stem(nn.Module):
-    """CIFAR: conv3×3 -> BN to 3C. ImageNet: two stride-2 convs (stem0) then a stride-2 conv (stem1).
+    """CIFAR: conv3×3 -> BN to 3C; half: the same conv at stride 2. ImageNet: two stride-2 convs
+    (stem0) then a stride-2 conv (stem1).
 
     `forward` returns `(s_prev2, s_prev)`, the two states the first cell reads.
     """
@@ -72,9 +80,11 @@ class Stem(nn.Module):
     def __init__(self, kind: str, in_channels: int, C: int, affine: bool = True):
         super().__init__()
         self.kind = kind
-        if kind == "cifar":
+        if kind in ("cifar", "half"):
+            stride = STEM_STRIDE[kind]
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, 3 * C, 3, padding=1, bias=False), nn.BatchNorm2d(3 * C, affine=affine)
+                nn.Conv2d(in_channels, 3 * C, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(3 * C, affine=affine),
             )
         else:
             self.stem0 = nn.Sequential(
@@ -91,7 +101,7 @@ class Stem(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kind == "cifar":
+        if self.kind in ("cifar", "half"):
             s = self.stem(x)
             return s, s
         s0 = self.stem0(x)

@@ -129,7 +129,8 @@ def genotype_cost(
     L = genotype.num_cells
     plans = plan_cells(C, L, stem, len(genotype.cells[0]))
     h = image_size
-    if stem == "cifar":
+    if stem in ("cifar", "half"):
+        h = _out(h, 2) if stem == "half" else h
         m, p = _conv(in_channels, 3 * C, 3, h)
         macs, params = m, p + _bn(3 * C, affine)
         h_prev2 = h_prev = h
@@ -172,7 +173,9 @@ def pair_cost_table(net: torch.nn.Module, metric: str = "macs") -> torch.Tensor:
     from dnad.supernet import SuperNet
 
     assert isinstance(net, SuperNet)
-    h = net.image_size if net.stem_kind == "cifar" else _out(_out(_out(net.image_size, 2), 2), 2)
+    h = net.image_size
+    for _ in range({"cifar": 0, "half": 1, "imagenet": 3}[net.stem_kind]):
+        h = _out(h, 2)
     table = torch.zeros_like(net.cost_weight)
     for plan, cell in zip(net.plans, net.cells):
         for row in cell.pairs:

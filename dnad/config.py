@@ -33,9 +33,34 @@ class DataConfig(Strict):
     test_subset: int | None = Field(None, ge=1, description="evaluate on this many test images")
     augment: bool = True
     cutout: int = Field(0, ge=0, description="cutout square side in pixels; 0 = off")
-    image_size: int | None = Field(None, ge=8, description="fake/imagefolder: side of the square images")
-    channels: int = Field(3, ge=1, le=4, description="fake: image channels")
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        description="fake/imagefolder: side of the square images; None = from the data (the "
+        "median shorter side, to a multiple of 4, at most MAX_AUTO_IMAGE_SIZE = 224)",
+    )
+    channels: int | None = Field(
+        None,
+        ge=1,
+        le=4,
+        description="fake/imagefolder: 1 (grayscale) or 3 (RGB); None = from the data "
+        "(1 when every image is grayscale; fake: 3)",
+    )
     num_classes: int | None = Field(None, ge=2, description="fake/imagefolder: number of classes")
+    mean: tuple[float, ...] | None = Field(
+        None,
+        description="per-channel pixel mean (pixel/255); None = the dataset's published value, or "
+        "computed from the training images (image folders, fake)",
+    )
+    std: tuple[float, ...] | None = Field(None, description="per-channel pixel std (pixel/255); see mean")
+    bad_files: Literal["skip", "error"] = Field(
+        "skip",
+        description="image folders: files that are not readable images are skipped with a "
+        "warning naming how many and the first few (skip) or refused before the run starts (error)",
+    )
+    cache_dir: str = Field(
+        "~/.cache/dnad/data", description="image folders: scans, statistics and decoded small images"
+    )
     fake_size: int = Field(512, ge=8, description="fake: number of training images")
     seed: int = 0
 
@@ -48,9 +73,18 @@ class DataConfig(Strict):
             raise ValueError("must be a fraction in (0, 1) or a number of images >= 1")
         if isinstance(v, int) and v < 1:
             raise ValueError(
-                "must be a fraction in (0, 1) or a number of images >= 1 (a validation split is required: models are chosen on it)"
+                "must be a fraction in (0, 1) or a number of images >= 1 (a validation split is "
+                "required: models are chosen on it)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _stats_fit(self) -> DataConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both data.mean and data.std, or neither")
+        if self.mean is not None and (len(self.mean) != len(self.std) or min(self.std) <= 0):
+            raise ValueError("data.mean and data.std need one value per channel, std > 0")
+        return self
 
 
 class SupernetConfig(Strict):
@@ -62,7 +96,9 @@ class SupernetConfig(Strict):
     nodes: int = Field(4, ge=1, le=8)
     baseline: float = Field(0.01, gt=0.0, lt=1.0, description="threshold on normalised mixing weights")
     alpha_init: float = Field(2.0, gt=0.0)
-    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+    stem: Literal["auto", "cifar", "half", "imagenet"] = Field(
+        "auto", description="auto: cifar below 64 px, half (stride 2) to 127 px, imagenet from 128 px"
+    )
 
     @field_validator("ops")
     @classmethod
@@ -88,6 +124,13 @@ class ShrinkConfig(Strict):
     xi: float = Field(1.0, gt=0.0)
     s_min: float = Field(250.0, gt=0.0, description="stop once S < s_min")
     sparsity: Literal["uniform", "macs", "params"] = "uniform"
+    tuned_steps: int | None = Field(
+        None,
+        ge=1,
+        description="the number of shrinking steps the per-step constants (t_max, n_max, phi, "
+        "k, tau) are tuned for; the search rescales them to the steps it really takes (dnad.budget); "
+        "None = use them as given",
+    )
 
 
 class TeacherConfig(Strict):
@@ -98,7 +141,10 @@ class TeacherConfig(Strict):
     genotype: str | None = Field(None, description="genotype: path to a genotype JSON")
     checkpoint: str | None = Field(None, description="checkpoint: path to a teacher checkpoint folder")
     C: int = Field(36, ge=2, description="genotype teacher: initial channels")
-    epochs: int = Field(10, ge=0, description="training epochs when the teacher is trained here")
+    epochs: int = Field(10, ge=0, description="training epochs when the teacher is trained here (at least)")
+    min_steps: int = Field(
+        0, ge=0, description="at least this many optimisation steps: on a small dataset the epochs grow"
+    )
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0.0)
 
@@ -112,6 +158,11 @@ class DistillConfig(Strict):
     feature_ratios: tuple[float, float, float] = (0.2, 0.3, 0.5)
     logit_weight: float = Field(1.0, ge=0.0, description="β")
     temperature: float = Field(4.0, gt=0.0, description="T")
+    weak_teacher: Literal["drop", "keep"] = Field(
+        "drop",
+        description="a teacher near chance, or below the super-network's validation accuracy "
+        "after warm-up, is reported; drop: search on without distillation; keep: distil anyway",
+    )
 
 
 class SearchConfig(Strict):
@@ -120,8 +171,17 @@ class SearchConfig(Strict):
     supernet: SupernetConfig = SupernetConfig()
     shrink: ShrinkConfig = ShrinkConfig()
     distill: DistillConfig = DistillConfig()
-    epochs: int = Field(120, ge=1)
-    warmup_epochs: int = Field(5, ge=0)
+    epochs: int = Field(120, ge=1, description="search epochs (at least; see min_steps)")
+    warmup_epochs: int = Field(5, ge=0, description="epochs without shrinking (scaled with the epochs)")
+    min_steps: int = Field(
+        0,
+        ge=0,
+        description="at least this many optimisation steps: on a small dataset the epochs (and "
+        "warm-up epochs, in proportion) grow until the search takes this many (dnad.budget)",
+    )
+    val_images: int = Field(
+        1000, ge=1, description="validation images on which the super-network is measured after warm-up"
+    )
     batch_size: int = Field(64, ge=1)
     w_lr: float = Field(5e-4, gt=0.0)
     w_betas: tuple[float, float] = (0.5, 0.999)
@@ -147,7 +207,10 @@ class RetrainConfig(Strict):
     """Training a derived architecture from scratch (spec §6)."""
 
     C: int = Field(36, ge=2)
-    epochs: int = Field(600, ge=1)
+    epochs: int = Field(600, ge=1, description="training epochs (at least; see min_steps)")
+    min_steps: int = Field(
+        0, ge=0, description="at least this many optimisation steps: on a small dataset the epochs grow"
+    )
     batch_size: int = Field(96, ge=1)
     lr: float = Field(0.025, gt=0.0)
     optimizer: Literal["sgd", "adamw"] = Field(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import math
 import os
 import struct
@@ -32,11 +33,29 @@ from torch import Tensor
 
 from dnad.config import DataConfig
 from dnad.errors import DatasetNotFoundError, InputError
+from dnad.imagefolder import (
+    SplitScan,
+    broken_line,
+    check_split,
+    decode_split,
+    infer_shape,
+    mode_of,
+    pixel_stats,
+    sample_stats,
+    scan_split,
+)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+log = logging.getLogger(__name__)
+_UNREADABLE: set[str] = set()  # image files already warned about in this process
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist/"
+# image folders whose side is below this are decoded into memory once (and augmented like CIFAR:
+# padded crop + flip); larger ones are decoded batch by batch (random resized crop + flip)
+IN_MEMORY_BELOW = 128
+IN_MEMORY_MAX_BYTES = 2 << 30
+PREFETCH = 2  # image-folder batches decoded ahead of the one being trained on
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
 STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -44,7 +63,6 @@ STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "fake": ((0.5,), (0.25,)),
 }
 
 
@@ -127,10 +145,19 @@ class FolderSplit(Split):
     mode: str = "RGB"
 
     def _open(self, i: int) -> Image:
+        """Image i in `mode`; a file whose body cannot be decoded (its header was checked before the
+        run) becomes a black image, with one warning, rather than a traceback in the middle of a run."""
         from PIL import Image
 
-        with Image.open(self.samples[i][0]) as img:
-            return img.convert(self.mode)
+        path = self.samples[i][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert(self.mode)
+        except (OSError, ValueError, SyntaxError) as e:
+            if path not in _UNREADABLE:
+                _UNREADABLE.add(path)
+                log.warning("unreadable image %s (%s: %s): used as a black image", path, type(e).__name__, e)
+            return Image.new(self.mode, (self.image_size, self.image_size))
 
     def _to_tensor(self, img: Image, box: tuple[float, float, float, float]) -> Tensor:
         return resize_crop(img, self.image_size, box)
@@ -176,6 +203,7 @@ class DatasetBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # what the data checks found and worked around (bad files skipped)
 
     def iterator(
         self,
@@ -281,37 +309,96 @@ def _cifar(cfg: DataConfig) -> tuple[TensorSplit, TensorSplit, tuple[str, ...]]:
     return out[0], out[1], tuple(ds.classes)
 
 
-def _folder(path: Path, size: int, ratio: float) -> tuple[FolderSplit, tuple[str, ...]]:
-    from torchvision.datasets import ImageFolder
-
-    try:
-        ds = ImageFolder(str(path))
-    except OSError as e:  # FileNotFoundError: no class folders, or a class folder without images
-        raise InputError("data.root", str(path), f"no images: expected class folders of images ({e})") from e
-    labels = torch.as_tensor(ds.targets, dtype=torch.long)
-    return FolderSplit(list(ds.samples), labels, size, ratio), tuple(ds.classes)
-
-
-def _imagefolder(cfg: DataConfig) -> tuple[FolderSplit, FolderSplit, tuple[str, ...]]:
+def folder_splits(cfg: DataConfig) -> tuple[Path, Path]:
+    """(train folder, test folder) of an image-folder dataset: `root/train` and `root/val` (or
+    `root/test`); InputError naming what is missing."""
+    hint = f"{cfg.dataset} needs data.root=DIR with train/ and val/ (or test/) folders of class folders"
     if cfg.root is None or not Path(cfg.root).is_dir():
-        hint = f"{cfg.dataset} needs data.root=DIR with train/ and val/ (or test/) folders of class folders"
         raise DatasetNotFoundError("data.root", cfg.root, hint)
-    root, size = Path(cfg.root), cfg.image_size or 224
-    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), root / "val")
-    ratio = crop_ratio(cfg.dataset)
-    train, classes = _folder(root / "train", size, ratio)
-    test, test_classes = _folder(test_dir, size, ratio)
-    if test_classes != classes:
-        raise InputError("data.root", str(test_dir), "its class folders differ from train/'s")
+    root = Path(cfg.root)
+    if not (root / "train").is_dir():
+        raise InputError("data.root", cfg.root, "has no train/ folder; " + hint)
+    test = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if test is None:
+        raise InputError("data.root", cfg.root, "has train/ but no val/ (or test/) folder of class folders")
+    return root / "train", test
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    """What the scans of an image-folder dataset say: splits, classes, the shape the data asks for,
+    whether it is decoded into memory, and the warnings of the checks."""
+
+    train: SplitScan
+    test: SplitScan
+    channels: int
+    image_size: int
+    in_memory: bool
+    warnings: tuple[str, ...]
+
+
+def inspect_folders(cfg: DataConfig) -> FolderInfo:
+    """Scan and check both splits of an image-folder dataset (one-line InputErrors before any work)."""
+    train_dir, test_dir = folder_splits(cfg)
+    train, test = (scan_split(d, cfg.cache_dir) for d in (train_dir, test_dir))
+    warnings = check_split(train, cfg.bad_files) + check_split(test, cfg.bad_files)
+    if test.classes != train.classes:
+        only = sorted(set(train.classes) ^ set(test.classes))
+        raise InputError(
+            "data.root", str(test_dir), f"its class folders differ from train/'s (e.g. {only[:3]})"
+        )
     want = cfg.num_classes or (1000 if cfg.dataset == "imagenet" else None)
-    if want is not None and want != len(classes):
-        raise InputError("data.num_classes", want, f"{root / 'train'} has {len(classes)} class folders")
-    return train, test, classes
+    if want is not None and want != len(train.classes):
+        raise InputError("data.num_classes", want, f"{train_dir} has {len(train.classes)} class folders")
+    channels, side = infer_shape(train)
+    if cfg.dataset == "imagenet":
+        channels, side = 3, 224
+    channels, side = cfg.channels or channels, cfg.image_size or side
+    if channels not in (1, 3):
+        raise InputError(
+            "data.channels", channels, "image folders are read as 1 (grayscale) or 3 (RGB) channels"
+        )
+    decoded = (len(train.images) + len(test.images)) * channels * side * side
+    in_memory = side < IN_MEMORY_BELOW and decoded <= IN_MEMORY_MAX_BYTES
+    return FolderInfo(train, test, channels, side, in_memory, tuple(warnings))
+
+
+def _imagefolder(
+    cfg: DataConfig,
+) -> tuple[Split, Split, tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
+    info = inspect_folders(cfg)
+    ratio, size, ch = crop_ratio(cfg.dataset), info.image_size, info.channels
+    splits: list[Split] = []
+    warnings = list(info.warnings)
+    for scan in (info.train, info.test):
+        if info.in_memory:
+            images, labels, broken = decode_split(scan, size, ch, ratio, cfg.cache_dir)
+            if broken and cfg.bad_files == "error":
+                raise InputError(
+                    "data.bad_files",
+                    "error",
+                    broken_line(scan.folder, broken) + "; remove them or set data.bad_files=skip",
+                )
+            if broken:
+                warnings.append(broken_line(scan.folder, broken) + "; skipped (data.bad_files=skip)")
+            splits.append(TensorSplit(images, labels))
+        else:
+            labels = torch.tensor([c for _, c, *_ in scan.images], dtype=torch.long)
+            splits.append(FolderSplit(scan.samples, labels, size, ratio, mode_of(ch)))
+    if cfg.mean is not None:
+        mean, std = cfg.mean, cfg.std
+    elif cfg.dataset == "imagenet":
+        mean, std = STATS["imagenet"]
+    elif info.in_memory:
+        mean, std = pixel_stats(splits[0].images)
+    else:
+        mean, std = sample_stats(info.train, size, ch, ratio, cfg.cache_dir)
+    return splits[0], splits[1], info.train.classes, (mean, std), tuple(warnings)
 
 
 def _fake(cfg: DataConfig) -> tuple[TensorSplit, TensorSplit]:
     # a fixed dataset (independent of cfg.seed, like FakeData's random_offset): the seed picks splits only
-    s, c, k = cfg.image_size or 32, cfg.channels, cfg.num_classes or 10
+    s, c, k = cfg.image_size or 32, cfg.channels or 3, cfg.num_classes or 10
     out = []
     for n, tag in ((cfg.fake_size, "train"), (cfg.fake_size // 4, "test")):
         g = _gen("fake", tag, c, s, k)
@@ -354,24 +441,32 @@ def load_dataset(cfg: DataConfig) -> DatasetBundle:
     does not depend on `train_subset`, so a search and a retraining with different subsets of one run
     share it and neither trains on it."""
     classes: tuple[str, ...] = ()
+    stats, warnings = None, ()
     if cfg.dataset == "fashion_mnist":
         train, test = _fashion_mnist(cfg)
         classes = FASHION_MNIST_CLASSES
     elif cfg.dataset in ("cifar10", "cifar100"):
         train, test, classes = _cifar(cfg)
     elif cfg.dataset in ("imagefolder", "imagenet"):
-        train, test, classes = _imagefolder(cfg)
+        train, test, classes, stats, warnings = _imagefolder(cfg)
     else:
         train, test = _fake(cfg)
     if isinstance(train, TensorSplit):
         in_ch, size = train.images.shape[1], train.images.shape[2]
     else:
-        in_ch, size = 3, cfg.image_size or 224
+        in_ch, size = len(train.mode), train.image_size
     num_classes = len(classes) or (cfg.num_classes or 10)
     classes = classes or tuple(f"class_{k}" for k in range(num_classes))
-    mean, std = STATS.get(cfg.dataset, STATS["imagenet"])
-    if len(mean) != in_ch:  # fake: one statistic per channel
-        mean, std = mean * in_ch, std * in_ch
+    if cfg.mean is not None:
+        mean, std = cfg.mean, cfg.std
+    elif stats:
+        mean, std = stats
+    elif cfg.dataset in STATS:
+        mean, std = STATS[cfg.dataset]
+    else:  # fake: from the (synthetic) training images
+        mean, std = pixel_stats(train.images)
+    if len(mean) != in_ch:
+        raise InputError("data.mean", mean, f"needs {in_ch} value(s), one per channel of the images")
 
     n_val = val_count(cfg.val_size, len(train))
     if n_val >= len(train):
@@ -382,7 +477,30 @@ def load_dataset(cfg: DataConfig) -> DatasetBundle:
     what = f"training split left once {n_val} validation images are held out"
     train = _take(train, cfg.train_subset, "data.train_subset", what, _gen(cfg.seed, "train_subset"))
     test = _take(test, cfg.test_subset, "data.test_subset", "test split", _gen(cfg.seed, "test_subset"))
-    return DatasetBundle(cfg.dataset, train, val, test, in_ch, size, num_classes, mean, std, classes)
+    return DatasetBundle(
+        cfg.dataset, train, val, test, in_ch, size, num_classes, mean, std, classes, warnings
+    )
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What loading a dataset told: split sizes (training images before any subset) and warnings."""
+
+    train: int
+    val: int
+    test: int
+    warnings: tuple[str, ...]
+
+
+def resolve_data(cfg: DataConfig) -> tuple[DataConfig, DataFacts]:
+    """`cfg` with every value the data decides written out (channels, image size, classes, mean/std:
+    what a run records in its config), and the split sizes and warnings of the data. Loads the data
+    once without subsets (image folders: scanned, checked, small ones decoded into the cache), so
+    every error of the data surfaces here as a one-line InputError."""
+    b = load_dataset(cfg.model_copy(update={"train_subset": None, "test_subset": None}))
+    update = {"channels": b.in_channels, "image_size": b.image_size, "num_classes": b.num_classes,
+              "mean": tuple(b.mean), "std": tuple(b.std)}  # fmt: skip
+    return cfg.model_copy(update=update), DataFacts(len(b.train), len(b.val), len(b.test), b.warnings)
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -411,7 +529,9 @@ class BatchIterator:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool | None = None,
+        workers: int | None = None,
     ):
+        """`workers`: threads decoding image-folder batches (None: min(8, cores))."""
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
         if len(split) == 0:
@@ -427,6 +547,7 @@ class BatchIterator:
         m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
         # (x/255 - m)/s folded into one multiply-subtract per pixel
         self._scale, self._shift = (1 / (255 * s)).view(1, -1, 1, 1), (m / s).view(1, -1, 1, 1)
+        self.workers = workers or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict:
@@ -448,51 +569,76 @@ class BatchIterator:
         return order[self.rank : total : self.world_size]
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches `start_batch`, `start_batch + 1`, ... of `epoch`; identical to the tail of a full pass."""
+        """Batches `start_batch`, `start_batch + 1`, ... of `epoch`; identical to the tail of a full pass.
+
+        Image folders decoded batch by batch: the next `PREFETCH` batches are decoded and augmented by
+        a thread pool while the caller works on the current one (PIL releases the GIL while it decodes
+        and resizes); each batch's random draws are made here, in batch order, so the result is the
+        same whatever the threads do.
+        """
         nb = self.num_batches(epoch)
         if not 0 <= start_batch <= nb:
             raise ValueError(f"start_batch={start_batch} outside [0, {nb}]")
         idx = self.indices(epoch)
+        plan = []
         for b in range(start_batch, nb):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             g = _gen(self.seed, "aug", epoch, b, self.rank, self.world_size) if self.augment else None
+            plan.append((sel, g))
+        if isinstance(self.split, FolderSplit):
+            yield from self._folder_batches(plan)
+            return
+        for sel, g in plan:
             yield self._batch(sel, g), self.split.labels[sel]
 
-    def _batch(self, sel: Tensor, g: torch.Generator | None) -> Tensor:
+    def _batch(self, sel: Tensor, g: torch.Generator | None, x: Tensor | None = None) -> Tensor:
         # These ops touch ~1e5 elements: too few to gain from intra-op threads, and on a busy machine each
         # OpenMP region can wait a whole scheduler slice (~8 ms) for a descheduled worker (measured 20x
         # slower epochs). So run them on one thread and hand the caller back its thread count.
         n_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._batch1(sel, g)
+            if x is None:  # in memory: gather (and crop + flip) the batch
+                x = self.split.images.index_select(0, sel)
+                if g is not None:
+                    x = _crop_flip(x, g)
+            x = x.float().mul_(self._scale).sub_(self._shift)
+            if g is not None and self.cutout > 0:
+                _cutout_(x, self.cutout, g)
+            return x
         finally:
             torch.set_num_threads(n_threads)
 
-    def _batch1(self, sel: Tensor, g: torch.Generator | None) -> Tensor:
-        if isinstance(self.split, TensorSplit):
-            x = self.split.images.index_select(0, sel)
-            if g is not None:
-                x = _crop_flip(x, g)
-        else:
-            x = self._folder_batch(sel, g)
-        x = x.float().mul_(self._scale).sub_(self._shift)
-        if g is not None and self.cutout > 0:
-            _cutout_(x, self.cutout, g)
-        return x
-
-    def _folder_batch(self, sel: Tensor, g: torch.Generator | None) -> Tensor:
+    def _folder_batches(
+        self, plan: list[tuple[Tensor, torch.Generator | None]]
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """`plan`'s batches of a FolderSplit, decoded `PREFETCH` batches ahead on the thread pool."""
         split = self.split
         assert isinstance(split, FolderSplit)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-        ids = sel.tolist()
-        if g is None:
-            return torch.stack(list(self._pool.map(lambda i: split[i][0], ids)))
-        u = torch.rand(len(ids), 10, 4, generator=g)  # drawn here, in order, so threads can't reorder them
-        flip = torch.rand(len(ids), generator=g) < 0.5
-        x = torch.stack(list(self._pool.map(split.random_crop, ids, u)))
-        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            self._pool = ThreadPoolExecutor(max_workers=self.workers)
+
+        def submit(sel: Tensor, g: torch.Generator | None) -> tuple[list, Tensor | None]:
+            ids = sel.tolist()
+            if g is None:
+                return [self._pool.submit(split.__getitem__, i) for i in ids], None
+            u = torch.rand(
+                len(ids), 10, 4, generator=g
+            )  # drawn here, in order, so threads can't reorder them
+            flip = torch.rand(len(ids), generator=g) < 0.5
+            return [self._pool.submit(split.random_crop, i, uk) for i, uk in zip(ids, u)], flip
+
+        pending: list[tuple[Tensor, torch.Generator | None, list, Tensor | None]] = []
+        for k, (sel, g) in enumerate(plan):
+            while len(pending) <= PREFETCH and k + len(pending) < len(plan):
+                s, gg = plan[k + len(pending)]
+                pending.append((s, gg, *submit(s, gg)))
+            sel, g, futures, flip = pending.pop(0)
+            out = [f.result() for f in futures]
+            x = torch.stack([o[0] if isinstance(o, tuple) else o for o in out])
+            if flip is not None:
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            yield self._batch(sel, g, x), split.labels[sel]
 
 
 def _crop_flip(x: Tensor, g: torch.Generator) -> Tensor:

@@ -24,21 +24,26 @@ RESNETS = ("resnet18", "resnet34", "resnet50")
 class ResNetTeacher(nn.Module):
     """A torchvision ResNet adapted to the input size; taps the three stages that match the student.
 
-    Small images (< 64 px): 3×3 stride-1 stem, no max-pool, taps layer1..layer3 (full, 1/2, 1/4
-    resolution like a CIFAR-stem student). Large images: the stock stem, taps layer2..layer4
-    (1/8, 1/16, 1/32 like an ImageNet-stem student).
+    It follows the student's stem (`dnad.cells.resolve_stem`): CIFAR stem (< 64 px): 3×3 stride-1
+    conv, no max-pool, taps layer1..layer3 (1, 1/2, 1/4 of the input side, like the student); half stem
+    (64-127 px): the same conv at stride 2 (1/2, 1/4, 1/8); ImageNet stem: the stock stem, taps
+    layer2..layer4 (1/8, 1/16, 1/32).
     """
 
-    def __init__(self, arch: str, num_classes: int, in_channels: int, image_size: int):
+    def __init__(self, arch: str, num_classes: int, in_channels: int, image_size: int, stem: str = "auto"):
         super().__init__()
         import torchvision
+
+        from dnad.cells import STEM_STRIDE, resolve_stem
 
         if arch not in RESNETS:
             raise InputError("distill.teacher.arch", arch, f"torchvision teachers supported: {list(RESNETS)}")
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-        self.small = image_size < 64
+        self.stem_kind = resolve_stem(stem, image_size)
+        self.small = self.stem_kind != "imagenet"
         if self.small:
-            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            stride = STEM_STRIDE[self.stem_kind]
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=stride, padding=1, bias=False)
             net.maxpool = nn.Identity()
         elif in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
@@ -87,10 +92,13 @@ class FrozenTeacher(nn.Module):
         return [f.shape[1] for f in feats]
 
 
-def make_teacher(cfg: TeacherConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """An untrained teacher network from config ('torchvision' or 'genotype' kinds)."""
+def make_teacher(
+    cfg: TeacherConfig, num_classes: int, in_channels: int, image_size: int, stem: str = "auto"
+) -> nn.Module:
+    """An untrained teacher network from config ('torchvision' or 'genotype' kinds), on the student's
+    `stem` so that the stage features line up."""
     if cfg.kind == "torchvision":
-        return ResNetTeacher(cfg.arch, num_classes, in_channels, image_size)
+        return ResNetTeacher(cfg.arch, num_classes, in_channels, image_size, stem)
     if cfg.kind == "genotype":
         from dnad.genotype import Genotype
         from dnad.network import build_model
@@ -100,7 +108,7 @@ def make_teacher(cfg: TeacherConfig, num_classes: int, in_channels: int, image_s
                 "distill.teacher.genotype", cfg.genotype, "give the path of a genotype JSON file"
             )
         g = Genotype.load(cfg.genotype)
-        return build_model(g, cfg.C, num_classes, in_channels, image_size, keep_taps=True)
+        return build_model(g, cfg.C, num_classes, in_channels, image_size, stem, keep_taps=True)
     raise InputError("distill.teacher.kind", cfg.kind, "checkpoint teachers are loaded with load_teacher()")
 
 
@@ -124,7 +132,9 @@ def load_teacher(path: str | Path) -> nn.Module:
         raise InputError("distill.teacher.checkpoint", str(path), "expected a folder with teacher.json")
     spec = json.loads(spec_file.read_text())
     cfg = TeacherConfig(**spec["teacher"])
-    model = make_teacher(cfg, spec["num_classes"], spec["in_channels"], spec["image_size"])
+    model = make_teacher(
+        cfg, spec["num_classes"], spec["in_channels"], spec["image_size"], spec.get("stem", "auto")
+    )
     model.load_state_dict(load_tensors_safely(path / "weights.safetensors"))
     return model
 

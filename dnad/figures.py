@@ -46,6 +46,7 @@ PARETO_NAME = "Pareto front"
 DYNAMICS_PANELS: tuple[tuple[str, str], ...] = (
     ("S", "S (sparsity)"), ("gamma", "γ"), ("mu", "μ"), ("alive_pairs", "alive pairs"),
     ("est_macs", "est. MACs"), ("loss", "train loss"), ("train_acc", "train acc"),
+    ("val_acc", "val acc (running)"),
 )  # fmt: skip
 
 

@@ -34,7 +34,8 @@ EXTRA_COLUMNS: dict[str, str] = {"sources": "string"}  # every trial#emission th
 METRICS_SCHEMA: dict[str, str] = {
     "trial_id": "string", "step": "int64", "epoch": "int64", "loss": "float64", "ce": "float64",
     "kd": "float64", "S": "float64", "gamma": "float64", "mu": "float64", "alive_pairs": "int64",
-    "est_macs": "int64", "train_acc": "float64", "img_per_s": "float64", "emitted": "bool",
+    "est_macs": "int64", "train_acc": "float64", "val_acc": "float64", "img_per_s": "float64",
+    "emitted": "bool",
 }  # fmt: skip
 
 
@@ -244,13 +245,14 @@ def partial_retrain_results(output_dir: str | Path, arch_ids: list[str], epochs:
             continue
         by_epoch = {int(r["epoch"]): r for r in hist}  # a resumed trial may log an epoch twice
         last = by_epoch[max(by_epoch)]
-        done = epochs is not None and int(last["epoch"]) >= epochs
+        planned = last.get("planned_epochs", epochs)  # the trial's own count (small data: more epochs)
+        done = planned is not None and int(last["epoch"]) >= int(planned)
         val, acc = float(last.get("val_acc", np.nan)), float(last["test_acc"])
         rows.append({
             "arch_id": arch_id, "retrain_epochs": int(last["epoch"]), "val_acc": val, "val_error": 1.0 - val,
             "test_acc": acc, "test_error": 1.0 - acc,
             "wall_s": float(sum(float(r.get("epoch_s", 0.0)) for r in by_epoch.values())),
-            "status": "ok" if done else "running", "error": "" if done else f"epoch {last['epoch']}/{epochs or '?'}",
+            "status": "ok" if done else "running", "error": "" if done else f"epoch {last['epoch']}/{planned or '?'}",
         })  # fmt: skip
     return pd.DataFrame(rows, columns=list(RETRAIN_COLUMNS))
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from dnad.complexity import genotype_cost, relative_cost_weights
 from dnad.config import SearchConfig
-from dnad.data import BatchIterator, DatasetBundle
+from dnad.data import DatasetBundle
 from dnad.distill import Distiller, FrozenTeacher
 from dnad.fastops import preferred_format, to_layout
 from dnad.guard import BatchNormStats, NonFiniteGuard, all_finite, rng_state, set_rng_state
@@ -46,6 +46,7 @@ class Emission:
     arch_id: str
     genotype: str  # canonical JSON
     final: bool = False
+    val_acc: float = float("nan")  # the super-network's running validation accuracy when it emitted
 
 
 class SearchModule(nn.Module):
@@ -110,7 +111,11 @@ class SearchLoop:
         rank: int = 0,
         world_size: int = 1,
         augment: bool = True,
+        teacher_val_acc: float | None = None,
     ):
+        """`teacher_val_acc`: the teacher's validation accuracy, if known: a teacher near chance, or
+        below the super-network after warm-up, is reported in `notes` (and, with
+        `distill.weak_teacher="drop"`, distillation stops there)."""
         self.cfg, self.data, self.device, self.callback = cfg, data, torch.device(device), callback
         self.rank, self.world_size = rank, world_size
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -140,15 +145,24 @@ class SearchLoop:
         self.controller = ShrinkController(cfg.shrink)
         self.guard = NonFiniteGuard("search", cfg.max_nonfinite)
         self.bn_stats = BatchNormStats(self.module)  # put back when a step is skipped
-        self.batches = BatchIterator(
-            data.train, cfg.batch_size, seed=cfg.seed, train=True, augment=augment,
-            cutout=0, mean=data.mean, std=data.std, rank=rank, world_size=world_size,
-        )  # fmt: skip
+        self.batches = data.iterator(
+            "train", cfg.batch_size, seed=cfg.seed, augment=augment, rank=rank, world_size=world_size
+        )
+        self.val_batches = data.iterator("val", cfg.batch_size, seed=cfg.seed)
         self.epoch = self.batch = self.step = 0
         self.stop_requested = False
         self.done = False
         self.emissions: list[Emission] = []
         self._window = _Window()
+        self.val_acc = float("nan")  # running (EMA) accuracy on one validation batch per logged step
+        self.warmup_val_acc: float | None = None  # on `val_images` validation images, after warm-up
+        self.kd_off = False
+        self.notes: list[str] = []  # what the search decided on its own, for the console and the log
+        self.teacher_val_acc = teacher_val_acc
+        if self.teacher is not None and teacher_val_acc is not None:
+            chance = 1.0 / data.num_classes
+            if teacher_val_acc < chance + 0.1 * (1.0 - chance):
+                self._weak_teacher(f"near chance ({100 * chance:.1f} %)")
 
     # -- one step ---------------------------------------------------------------------------------
     def _shrinking(self) -> bool:
@@ -158,7 +172,8 @@ class SearchLoop:
         """backward, clip, weight step, α step, zero grads, delete + controller update."""
         x, y = to_layout(x.to(self.device, non_blocking=True), self.fmt), y.to(self.device, non_blocking=True)
         shrinking = self._shrinking()
-        teacher_out = self.teacher.forward_features(x) if self.module.distiller is not None else None
+        distil = self.module.distiller is not None and not self.kd_off
+        teacher_out = self.teacher.forward_features(x) if distil else None
         self.ddp.train()
         self.bn_stats.save()
         out = self.ddp(x, y, teacher_out, self.controller.gamma, self.controller.mu, shrinking)
@@ -206,6 +221,7 @@ class SearchLoop:
             index=len(self.emissions), step=self.step, epoch=self.epoch, S=S, gamma=self.controller.gamma,
             mu=self.controller.mu, alive_pairs=g.num_pairs, params=params, macs=macs, arch_id=g.arch_id,
             genotype=g.to_json(), final=final,
+            val_acc=self.val_acc if self.val_acc == self.val_acc else self._running_val(),
         )  # fmt: skip
         self.emissions.append(e)
         return e
@@ -231,20 +247,68 @@ class SearchLoop:
                 self.callback(self._metrics(m))
         self.epoch += 1
         self.batch = 0
+        if self.epoch == self.cfg.warmup_epochs and self.warmup_val_acc is None:
+            self._after_warmup()
         if self.stop_requested or self.epoch >= self.cfg.epochs:
             self._emit(float(self.net.sparsity().detach()), final=True)
             self.done = True
+
+    # -- validation and the teacher check ---------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_val(self, max_images: int | None = None) -> float:
+        """Top-1 of the super-network (eval mode) on the first `max_images` validation images."""
+        was = self.net.training
+        self.net.eval()
+        correct = seen = 0
+        for x, y in self.val_batches.iterate(0):
+            x = to_layout(x.to(self.device), self.fmt)
+            correct += int((self.net(x).argmax(1).cpu() == y).sum())
+            seen += len(y)
+            if max_images is not None and seen >= max_images:
+                break
+        self.net.train(was)
+        return correct / max(seen, 1)
+
+    @torch.no_grad()
+    def _running_val(self) -> float:
+        """One more validation batch (they rotate) folded into the running validation accuracy."""
+        nb = self.val_batches.num_batches()
+        k = (self.step // self.cfg.log_every) % nb
+        x, y = next(self.val_batches.iterate(0, start_batch=k))
+        was = self.net.training
+        self.net.eval()
+        acc = float((self.net(to_layout(x.to(self.device), self.fmt)).argmax(1).cpu() == y).float().mean())
+        self.net.train(was)
+        self.val_acc = acc if self.val_acc != self.val_acc else 0.7 * self.val_acc + 0.3 * acc
+        return self.val_acc
+
+    def _after_warmup(self) -> None:
+        self.warmup_val_acc = self.evaluate_val(self.cfg.val_images)
+        t = self.teacher_val_acc
+        if self.teacher is not None and t is not None and t < self.warmup_val_acc and not self.kd_off:
+            self._weak_teacher(f"below the super-network after warm-up ({100 * self.warmup_val_acc:.1f} %)")
+
+    def _weak_teacher(self, why: str) -> None:
+        drop = self.cfg.distill.weak_teacher == "drop"
+        self.notes.append(
+            f"the teacher's validation accuracy ({100 * (self.teacher_val_acc or 0):.1f} %) is {why}: "
+            + (f"distillation off from step {self.step} (search.distill.weak_teacher=drop)" if drop
+               else "distilling anyway (search.distill.weak_teacher=keep)")
+        )  # fmt: skip
+        self.kd_off = self.kd_off or drop
 
     def _metrics(self, m: dict[str, Any]) -> dict[str, Any]:
         d = self.data
         g = self.net.export()
         macs, _ = genotype_cost(g, self.net.C, d.num_classes, d.in_channels, d.image_size, self.net.stem_kind)
         avg = self._window.pop()
+        val = self._running_val()
         return {
             "step": self.step, "epoch": self.epoch, "batch": self.batch, "loss": avg["loss"], "ce": avg["ce"],
             "kd": avg["kd"], "S": m["S"], "gamma": self.controller.gamma, "mu": self.controller.mu,
             "alive_pairs": g.num_pairs, "est_macs": macs, "train_acc": avg["acc"], "img_per_s": avg["img_per_s"],
             "emitted": m["emitted"], "emissions": len(self.emissions), "shrinking": self._shrinking(),
+            "val_acc": val, "kd_on": self.module.distiller is not None and not self.kd_off,
         }  # fmt: skip
 
     def run(self, on_epoch_end: Callable[[SearchLoop], None] | None = None) -> list[Emission]:
@@ -268,7 +332,9 @@ class SearchLoop:
             "done": self.done,
             "emissions": [asdict(e) for e in self.emissions],
             "rng": rng_state(),
-        }
+            "val": {"running": self.val_acc, "after_warmup": self.warmup_val_acc, "kd_off": self.kd_off,
+                    "notes": list(self.notes)},
+        }  # fmt: skip
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.module.load_state_dict(d["module"])
@@ -281,6 +347,9 @@ class SearchLoop:
         self.stop_requested, self.done = bool(d["stop_requested"]), bool(d["done"])
         self.emissions = [Emission(**e) for e in d["emissions"]]
         set_rng_state(d["rng"])
+        v = d.get("val") or {}  # checkpoints written before the validation split existed have none
+        self.val_acc, self.warmup_val_acc = float(v.get("running", float("nan"))), v.get("after_warmup")
+        self.kd_off, self.notes = bool(v.get("kd_off", False)), list(v.get("notes", []))
 
 
 class _Window:

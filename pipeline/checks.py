@@ -1,6 +1,7 @@
 """Checks of everything outside the config model: data, GPU, S_min, output folder, resume.
 
-All run before Ray starts and before anything is created; each failure is one `InputError`.
+All run before Ray starts and before anything is created; each failure is one `InputError`. The data
+check also writes the data's own values (shape, classes, statistics) into the config the run records.
 """
 
 from __future__ import annotations
@@ -23,60 +24,73 @@ class DataMeta:
     in_channels: int
     image_size: int
     num_classes: int
-    train_size: int | None  # None: not counted (image folders)
-    val_size: int | None = None
+    train_size: int
+    val_size: int
+    test_size: int
 
 
 # keys that may change between a run and its resumption (they do not change any result)
-RESUMABLE_CHANGES = ("output", "ray.address", "ray.num_cpus", "ray.max_concurrent", "retrain.cuda_graph")
+RESUMABLE_CHANGES = ("output", "ray.address", "ray.num_cpus", "ray.max_concurrent", "retrain.cuda_graph",
+                     "data.cache_dir", "ray.resource_wait_s")  # fmt: skip
 
 
-def check_data(data: DataConfig, workers: int, batch_size: int, field: str) -> DataMeta:
-    """Load the data (image folders: only look for them) and check the batch fits on every worker."""
-    if data.dataset in ("imagefolder", "imagenet"):
-        root = Path(data.root) if data.root else None
-        if root is None or not (root / "train").is_dir():
-            raise InputError("data.root", data.root, "needs a folder with train/ and val/ class folders")
-        test = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-        if test is None:
-            raise InputError(
-                "data.root", data.root, "has train/ but no val/ (or test/) folder of class folders"
-            )
-        classes = _image_classes(root / "train")
-        if _image_classes(test) != classes:
-            raise InputError("data.root", str(test), "its class folders differ from train/'s")
-        want = data.num_classes or (1000 if data.dataset == "imagenet" else None)
-        if want is not None and want != len(classes):
-            raise InputError("data.num_classes", want, f"{root / 'train'} has {len(classes)} class folders")
-        return DataMeta(3, data.image_size or 224, len(classes), data.train_subset)
+@dataclass
+class Preflight:
+    """What the checks found: the config with the data's own values written out and oversized profile
+    subsets capped, whether the output folder holds a run to resume, the data of both stages, and the
+    lines to show the user before the run starts (notices and warnings)."""
+
+    cfg: RunConfig
+    resuming: bool
+    search: DataMeta
+    retrain: DataMeta
+    notes: list[str]
+
+
+SUBSETS = (
+    ("data.train_subset", "train"),
+    ("data.test_subset", "test"),
+    ("retrain_data.train_subset", "train"),
+)
+
+
+def fit_data(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfig, list[str]]:
+    """Resolve the data (`dnad.data.resolve_data`) and fit the subsets to it: a subset larger than its
+    split is an error when the user asked for it (`explicit` keys) and capped, with a notice, when it
+    came from the profile."""
+    from dnad.data import resolve_data
+
+    data, facts = resolve_data(cfg.data)
+    notes = [f"warning: {w}" for w in facts.warnings]
+    d = cfg.model_dump(mode="json")
+    d["data"] |= data.model_dump(mode="json", exclude={"train_subset", "test_subset"})
+    have = {"train": facts.train, "test": facts.test}
+    for key, split in SUBSETS:
+        section, field = key.split(".")
+        value = d[section][field]
+        if not isinstance(value, int) or value <= have[split]:
+            continue
+        where = f"the {split} split" + (
+            f" once {facts.val} validation images are held out" if split == "train" else ""
+        )
+        if key in explicit:
+            raise InputError(key, value, f"larger than {where} ({have[split]} images)")
+        d[section][field] = have[split]
+        notes.append(f"note: {key}={value} (profile) capped to {have[split]}: {where} has no more")
+    from pipeline.config import validate
+
+    return validate(d), notes
+
+
+def data_meta(data: DataConfig, workers: int, batch_size: int, field: str) -> DataMeta:
+    """Shape and sizes of the data one stage trains on; the batch must fit every worker's shard."""
     from dnad.data import load_dataset
 
     b = load_dataset(data)
     n = len(b.train)
     if n // workers < batch_size:
         raise InputError(field, batch_size, f"larger than the {n // workers} training images per worker")
-    return DataMeta(b.in_channels, b.image_size, b.num_classes, n, len(b.val))
-
-
-def _image_classes(split: Path) -> list[str]:
-    """Class folders of an image-folder split, each of which must hold an image (torchvision's
-    ImageFolder refuses an empty one). Looks at names only and stops at the first image of every class,
-    so checking ImageNet stays quick."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    classes = sorted(p.name for p in split.iterdir() if p.is_dir())
-    examples = ", ".join(IMG_EXTENSIONS[:4])
-    if not classes:
-        raise InputError(
-            "data.root", str(split), f"no class folders: expected {split}/<class>/<image> ({examples}, ...)"
-        )
-    for c in classes:
-        with os.scandir(split / c) as it:
-            if not any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in it):
-                raise InputError(
-                    "data.root", str(split / c), f"no images in this class folder ({examples}, ...)"
-                )
-    return classes
+    return DataMeta(b.in_channels, b.image_size, b.num_classes, n, len(b.val), len(b.test))
 
 
 def check_sparsity(cfg: RunConfig) -> None:
@@ -163,12 +177,14 @@ def check_output(cfg: RunConfig, out: Path, fresh: bool) -> bool:
     return True
 
 
-def check_all(cfg: RunConfig, out: Path, fresh: bool) -> tuple[bool, DataMeta, DataMeta]:
-    """Every pre-flight check; returns (resuming, search data meta, retrain data meta)."""
+def check_all(cfg: RunConfig, out: Path, fresh: bool, explicit: set[str] = frozenset()) -> Preflight:
+    """Every pre-flight check, before anything is created. `explicit`: the keys the user set on the
+    command line (their subsets are never capped silently)."""
     check_sparsity(cfg)
     check_gpu(cfg)
     check_teacher(cfg)
+    cfg, notes = fit_data(cfg, explicit)
     resuming = check_output(cfg, out, fresh)
-    search_meta = check_data(cfg.data, cfg.ray.workers, cfg.search.batch_size, "search.batch_size")
-    retrain_meta = check_data(cfg.retrain_data_config(), 1, cfg.retrain.batch_size, "retrain.batch_size")
-    return resuming, search_meta, retrain_meta
+    search = data_meta(cfg.data, cfg.ray.workers, cfg.search.batch_size, "search.batch_size")
+    retrain = data_meta(cfg.retrain_data_config(), 1, cfg.retrain.batch_size, "retrain.batch_size")
+    return Preflight(cfg, resuming, search, retrain, notes)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dnad.budget import SearchPlan, plan_retrain, plan_search, steps_per_epoch
 from dnad.config import DataConfig, RetrainConfig, SearchConfig
 from dnad.errors import InputError
 
@@ -58,6 +59,12 @@ class RayConfig(Strict):
     max_concurrent: int | None = Field(None, ge=1, description="cap on concurrent trials")
     storage: str | None = Field(None, description="Ray storage_path (local, NFS or s3://); None = OUTPUT/ray")
     max_failures: int = Field(2, ge=0, description="retries of a failing trial or search")
+    resource_wait_s: int | None = Field(
+        None,
+        ge=0,
+        description="how long to wait for a joined cluster to grow (autoscaling) until it "
+        "can hold the run; None = 600 s with ray.address, 0 (refuse at once) for a local Ray",
+    )
 
 
 class TeacherRunConfig(Strict):
@@ -150,6 +157,19 @@ def trial_search_config(cfg: RunConfig, point: dict[str, Any]) -> SearchConfig:
         key = next((k for k, (s, f) in SWEEP_KEYS.items() if tuple(err["loc"][:2]) == (s, f)), None)
         where = f"sweep.{key}" if key else "search." + ".".join(map(str, err["loc"]))
         raise InputError(where, err.get("input"), err["msg"].removeprefix("Value error, ")) from None
+
+
+def search_plan(cfg: RunConfig, point: dict[str, Any], n_train: int) -> SearchPlan:
+    """What the search of one sweep point really runs on `n_train` training images (`dnad.budget`)."""
+    s = trial_search_config(cfg, point)
+    per_epoch = steps_per_epoch(n_train, s.batch_size, cfg.ray.workers, s.max_steps_per_epoch)
+    return plan_search(s, per_epoch)
+
+
+def retrain_plan(cfg: RunConfig, n_train: int) -> RetrainConfig:
+    """The retrain recipe with the epochs it really runs on `n_train` training images."""
+    r = cfg.retrain
+    return plan_retrain(r, steps_per_epoch(n_train, r.batch_size, 1, r.max_steps_per_epoch))
 
 
 def initial_sparsity(cfg: SearchConfig) -> float:

@@ -27,6 +27,17 @@ from pipeline.checks import DataMeta
 from pipeline.config import RunConfig, to_yaml
 
 
+def worker_bundle(
+    cfg: RunConfig, cluster_cpus: float, node_cpus: float, use_gpu: bool
+) -> tuple[float, float]:
+    """(CPUs, GPUs) of one search or teacher worker: `ray.cpus_per_worker`, else 1 CPU beside its GPU,
+    or without GPUs an equal share of the cluster's CPUs that still fits on its largest node."""
+    if cfg.ray.cpus_per_worker:
+        return float(cfg.ray.cpus_per_worker), 1.0 if use_gpu else 0.0
+    share = min(int(cluster_cpus) // cfg.ray.workers, int(node_cpus))
+    return (1.0, 1.0) if use_gpu else (float(max(1, share)), 0.0)
+
+
 @dataclass
 class Resources:
     """Cluster totals as Ray sees them, and whether the work goes to GPUs."""
@@ -34,12 +45,11 @@ class Resources:
     cpus: int
     gpus: int
     use_gpu: bool
+    node_cpus: int = 0  # CPUs of the largest node (0: the cluster is one node)
 
     def search_worker(self, cfg: RunConfig) -> int:
         """CPUs of one search (or teacher) worker; with GPUs each worker also holds one GPU."""
-        if cfg.ray.cpus_per_worker:
-            return cfg.ray.cpus_per_worker
-        return 1 if self.use_gpu else max(1, self.cpus // cfg.ray.workers)
+        return int(worker_bundle(cfg, self.cpus, self.node_cpus or self.cpus, self.use_gpu)[0])
 
     def search_concurrency(self, cfg: RunConfig) -> int:
         """How many searches fit on the cluster at once."""

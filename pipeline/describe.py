@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from dnad.budget import steps_per_epoch
 from dnad.results import architectures_table, metrics_table, read_cards, summary_table, write_results
-from pipeline.config import initial_sparsity, sweep_points
+from pipeline.config import initial_sparsity, retrain_plan, search_plan, sweep_points
 from pipeline.context import RunContext
 from pipeline.progress import read_jsonl
 
@@ -27,31 +28,44 @@ def dense_cost(ctx: RunContext) -> tuple[int, int]:
 
 
 def describe_run(ctx: RunContext, resuming: bool) -> str:
+    """The run header: what each stage will really do on this data (images, epochs, steps)."""
+    from dnad.report import teacher_name
+    from pipeline.teacher import retrain_images, teacher_recipe
+
     cfg, res, m = ctx.cfg, ctx.resources, ctx.data_meta
     assert res is not None and m is not None
-    s, r, rd = cfg.search, cfg.retrain, cfg.retrain_data_config()
+    s, rd = cfg.search, cfg.retrain_data_config()
     macs, params = dense_cost(ctx)
     s0 = initial_sparsity(s)
-    t = s.distill.teacher
-    what = {"torchvision": t.arch, "genotype": Path(t.genotype or "?").name, "checkpoint": t.checkpoint}
-    kd = (
-        f"KD on (T={s.distill.temperature}, teacher {t.kind}:{what.get(t.kind)})"
-        if s.distill.enabled
-        else "KD off"
+    points = sweep_points(cfg)
+    plan = search_plan(cfg, points[0], ctx.train_size or 0)
+    r = retrain_plan(cfg, retrain_images(ctx))
+    r_steps = r.epochs * steps_per_epoch(retrain_images(ctx), r.batch_size, 1, r.max_steps_per_epoch)
+    scaled = (
+        f"; shrink constants rescaled ×{plan.shrink_scale:.2f} to its steps" if plan.shrink_scale != 1 else ""
     )
-    n = len(sweep_points(cfg))
+    kd = "KD off"
+    if s.distill.enabled:
+        t = s.distill.teacher
+        kd = f"KD on (T={s.distill.temperature}, teacher {teacher_name(t.model_dump())}"
+        if t.kind != "checkpoint" and t.epochs:
+            kd += f", {teacher_recipe(cfg, retrain_images(ctx)).epochs} epoch(s) on {retrain_images(ctx)} images"
+        kd += ")"
     where = f"{cfg.ray.workers} worker(s) × {'1 GPU' if res.use_gpu else f'{res.search_worker(cfg)} CPU'}"
+    root = f" {cfg.data.root}" if cfg.data.root else ""
+    stats = ", ".join(f"{v:.3f}" for v in cfg.data.mean or ())
     return "\n".join([
         f"dnad: {'resuming' if resuming else 'new run'} in {ctx.out}",
-        f"  data     {cfg.data.dataset}: {ctx.train_size or '?'} train images (+{m.val_size or '?'} validation "
-        f"held out), {m.in_channels}x{m.image_size}x{m.image_size}, {m.num_classes} classes",
+        f"  data     {cfg.data.dataset}{root}: {ctx.train_size} search / {retrain_images(ctx)} retrain images, "
+        f"{m.val_size} validation (held out of training), {m.test_size} test; {m.in_channels}x{m.image_size}x"
+        f"{m.image_size}, {m.num_classes} classes, mean {stats}",
         f"  ray      {res.cpus} CPUs, {res.gpus} GPUs ({'GPU' if res.use_gpu else 'CPU'} training)",
         f"  search   C={s.supernet.C} × {s.supernet.cells} cells, S0={s0:.2f}, dense {params:,} params, "
-        f"{macs / 1e6:.2f} MMACs; {s.epochs} epochs, {kd}; {n} sweep point(s), {where} each",
-        f"  retrain  C={r.C}, {r.epochs} epoch(s) on {rd.train_subset or 'all'} images"
+        f"{macs / 1e6:.2f} MMACs; {plan.config.epochs} epochs ({plan.config.warmup_epochs} warm-up) × "
+        f"{plan.steps_per_epoch} steps = {plan.steps} steps{scaled}; {kd}; {len(points)} sweep point(s), {where} each",
+        f"  retrain  C={r.C}, {r.epochs} epoch(s) = {r_steps} steps on {retrain_images(ctx)} images"
         f"{'' if rd.augment else ' (no augmentation)'}, {'AdamW' if r.optimizer == 'adamw' else 'SGD'} lr {r.lr}, "
-        f"batch {r.batch_size}; chosen on {m.val_size or '?'} validation images, tested on "
-        f"{cfg.data.test_subset or 'all'} test images",
+        f"batch {r.batch_size}; chosen on {m.val_size} validation images, tested on {m.test_size} test images",
     ])  # fmt: skip
 
 

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[profile] {i}/{len(folders)} {arch_id}: batch 1 {lat['torch_ms']['1']:.2f} ms PyTorch"
             + (f", {onnx:.2f} ms ONNX Runtime" if onnx is not None else "")
-            + f" ({args.threads} threads)"
+            + f" ({args.threads} thread(s))"
         )
     print(publish(out, rebuild_architectures(out)))
     print(f"done in {time.monotonic() - t0:.0f} s; latency measured on {card['latency']['torch_device']}")

@@ -52,6 +52,9 @@ class Progress:
         self.t0 = time.monotonic()
         self.last_print = 0.0
         self._printed_row: Row | None = None
+        self.failure: str | None = None
+        self.summary = ""  # appended to the `finished` line, e.g. " (1 of 6 trials failed)"
+        self._notes: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -61,14 +64,29 @@ class Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def fail(self, reason: str) -> None:
+        """Mark the stage failed (its work was caught and recorded, not raised): `failed`, not `finished`."""
+        self.failure = reason
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.poll()
-        self._print(force=True)
+        try:
+            self.poll()
+            self._print(force=True)
+        except Exception:  # never let the display hide the stage's own outcome
+            pass
         if self.tty:
             self.stream.write("\n")
-        self.stream.write(f"[{self.stage}] finished in {fmt_duration(time.monotonic() - self.t0)}\n")
+        took = fmt_duration(time.monotonic() - self.t0)
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            self.failure = one_line(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            self.stream.write(f"[{self.stage}] interrupted after {took}\n")
+        elif self.failure is not None:
+            self.stream.write(f"[{self.stage}] failed after {took}: {self.failure}\n")
+        else:
+            self.stream.write(f"[{self.stage}] finished in {took}{self.summary}\n")
         self.stream.flush()
 
     def _loop(self) -> None:
@@ -94,6 +112,10 @@ class Progress:
                     row = json.loads(line)
                 except ValueError:
                     continue
+                if isinstance(row, dict) and "note" in row:  # a decision of the stage: shown as it comes
+                    who = f"{row['trial_id']}: " if "trial_id" in row else ""
+                    self._notes.append(f"[{self.stage}] {who}{row['note']}")
+                    continue
                 try:
                     key, n = self.units(row)
                 except (KeyError, TypeError, ValueError):
@@ -118,6 +140,8 @@ class Progress:
         return f"[{self.stage}] {count} ({pct:4.1f}%) {fmt_duration(elapsed)} elapsed, ETA {eta}  {extra}"
 
     def _print(self, force: bool = False) -> None:
+        while self._notes:
+            self.stream.write(("\r\033[K" if self.tty else "") + self._notes.pop(0) + "\n")
         now, line = time.monotonic(), self.line()
         if self.tty:
             self.stream.write("\r\033[K" + line)
@@ -159,6 +183,13 @@ def describe_epoch_row(r: Row) -> str:
         )
     where = f"epoch {r['epoch']}" if "epoch" in r else f"{float(r['progress']):.2f} epochs"
     return f"{where} train acc {100 * float(r['train_acc']):.1f}%  {float(r['img_per_s']):.0f} img/s"
+
+
+def one_line(e: BaseException) -> str:
+    """The last meaningful line of an error (Ray wraps worker tracebacks in several layers)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("(", "...", "Traceback", "File "))] or lines
+    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 def append_jsonl(path: Path, row: Row) -> None:

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from dnad.errors import InputError
+from pipeline.config import RunConfig
+from pipeline.progress import fmt_duration
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUIET_ENV = {
@@ -57,11 +62,119 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def cluster_totals() -> tuple[int, int]:
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse, in seconds and in one line, an `--address` at which no Ray cluster answers (ray.init
+    would otherwise retry for minutes). 'auto' needs a cluster started on this machine (`ray start`)."""
+    if address is None:
+        return
+    if address == "auto":
+        from ray._private.services import find_bootstrap_address
+
+        if not os.environ.get("RAY_ADDRESS") and not find_bootstrap_address(None):
+            raise InputError("ray.address", "auto", "no Ray cluster runs on this machine; start one with "
+                             "`ray start --head` (or `ray up ray_cluster.yaml`) or give its host:port")  # fmt: skip
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InputError(
+            "ray.address", address, "expected host:port (e.g. 10.0.0.5:6379), ray://host:port or auto"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError | socket.timeout) else (e.strerror or str(e))
+        raise InputError(
+            "ray.address", address, f"no Ray cluster answers there ({why} after at most {timeout:.0f} s); "
+            "check the head's address and port (ray start --head prints them) and that the port is reachable"
+        ) from None  # fmt: skip
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """CPU/GPU of every alive node of the connected cluster."""
     import ray
 
-    r = ray.cluster_resources()
-    return int(r.get("CPU", 0)), int(r.get("GPU", 0))
+    return [
+        {"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def unmet(cfg: RunConfig, nodes: list[dict[str, float]], use_gpu: bool) -> str | None:
+    """What the run needs that the cluster of `nodes` cannot hold at all (None: it fits). A search (or
+    teacher) worker and a retrain trial must each fit on one node; a search needs `ray.workers` of
+    them at once."""
+    from pipeline.context import worker_bundle
+
+    cpus = [n["CPU"] for n in nodes]
+    gpus = [n["GPU"] for n in nodes]
+    have = f"the cluster has {len(nodes)} node(s) with {', '.join(f'{c:g}' for c in cpus)} CPUs"
+    have += f" and {', '.join(f'{g:g}' for g in gpus)} GPUs" if use_gpu else ""
+    w_cpu, w_gpu = worker_bundle(cfg, sum(cpus), max(cpus, default=0), use_gpu)
+    fit = sum(min(int(c // w_cpu), int(g // w_gpu) if w_gpu else 10**9) for c, g in zip(cpus, gpus))
+    if fit < cfg.ray.workers:
+        need = f"{cfg.ray.workers} search worker(s) × {w_cpu:g} CPU" + (f" + {w_gpu:g} GPU" if w_gpu else "")
+        return f"the search needs {need} each on one node, {have} (room for {fit})"
+    t_cpu, t_gpu = (1.0, 1.0) if use_gpu else (float(cfg.ray.cpus_per_trial), 0.0)
+    if not any(c >= t_cpu and g >= t_gpu for c, g in zip(cpus, gpus)):
+        return (
+            f"a retrain trial needs {t_cpu:g} CPU"
+            + (f" + {t_gpu:g} GPU" if t_gpu else "")
+            + f" on one node, {have}"
+        )
+    return None
+
+
+def check_local_resources(cfg: RunConfig) -> None:
+    """Before a local Ray starts: refuse (one line, the numbers) what this machine can never hold."""
+    if cfg.ray.address is not None:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count()
+    use_gpu = gpus > 0 if cfg.ray.use_gpu == "auto" else bool(cfg.ray.use_gpu)
+    missing = unmet(
+        cfg, [{"CPU": float(cfg.ray.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}], use_gpu
+    )
+    if missing is not None:
+        raise _resource_error(cfg, missing, 0)
+
+
+def _resource_error(cfg: RunConfig, missing: str, waited: int) -> InputError:
+    if missing == "a GPU":
+        return InputError("ray.use_gpu", True, "the Ray cluster has no GPU; use ray.use_gpu=auto or false")
+    key = "ray.workers" if "search" in missing else "ray.cpus_per_trial"
+    value = cfg.ray.workers if key == "ray.workers" else cfg.ray.cpus_per_trial
+    hint = missing + (f"; still so after waiting {waited} s (ray.resource_wait_s)" if waited else "")
+    return InputError(key, value, hint + "; ask for less or add nodes")
+
+
+def await_resources(cfg: RunConfig, poll_s: float = 10.0):
+    """The cluster's `Resources` once it can hold the run. A local Ray never grows: a request it can
+    never satisfy is refused at once with the numbers (InputError). A joined cluster may autoscale:
+    wait up to `ray.resource_wait_s` (default 600 s), saying what it waits for, then refuse."""
+    import time
+
+    from pipeline.context import Resources
+
+    wait = cfg.ray.resource_wait_s if cfg.ray.resource_wait_s is not None else (600 if cfg.ray.address else 0)
+    t0, said = time.monotonic(), None
+    while True:
+        nodes = cluster_nodes()
+        cpus, gpus = [n["CPU"] for n in nodes], int(sum(n["GPU"] for n in nodes))
+        use_gpu = gpus > 0 if cfg.ray.use_gpu == "auto" else bool(cfg.ray.use_gpu)
+        missing = "a GPU" if cfg.ray.use_gpu is True and gpus == 0 else unmet(cfg, nodes, use_gpu)
+        if missing is None:
+            return Resources(int(sum(cpus)), gpus, use_gpu, int(max(cpus)))
+        left = wait - (time.monotonic() - t0)
+        if left <= 0:
+            raise _resource_error(cfg, missing, wait)
+        if said is None or time.monotonic() - said >= 30:
+            print(f"[ray] waiting for the cluster to grow, {fmt_duration(left)} left (ray.resource_wait_s): "
+                  f"{missing}", flush=True)  # fmt: skip
+            said = time.monotonic()
+        time.sleep(min(poll_s, max(left, 0.1)))
 
 
 def torch_trainer(

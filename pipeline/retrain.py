@@ -16,9 +16,10 @@ from typing import Any
 import pandas as pd
 
 from dnad.results import RETRAIN_COLUMNS
+from pipeline.config import retrain_plan
 from pipeline.context import RunContext, thread_count
-from pipeline.progress import EPOCH_SCALE, Progress, describe_epoch_row, epoch_units
-from pipeline.sweep import one_line
+from pipeline.progress import EPOCH_SCALE, Progress, describe_epoch_row, epoch_units, one_line
+from pipeline.teacher import retrain_images
 
 
 def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
@@ -43,14 +44,15 @@ def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
     dcfg = cfg.retrain_data_config()
     data = load_dataset(dcfg)
     g = Genotype.from_json(config["genotype"])
-    rc = cfg.retrain
+    rc = retrain_plan(cfg, len(data.train))  # the epochs it really runs on this data (dnad.budget)
     torch.manual_seed(rc.seed)  # the initial weights: a retried or resumed trial builds the same network
     model = build_model(
         g, rc.C, data.num_classes, data.in_channels, data.image_size, auxiliary=rc.auxiliary_weight > 0
     )
     history = ctx.out / "retrain" / f"{arch_id}.jsonl"
     ticks = ctx.out / "retrain" / f"{arch_id}.progress.jsonl"  # within-epoch rows for the display only
-    loop = RetrainLoop(rc, model, data, device, lambda r: append_jsonl(history, {"arch_id": arch_id, **r}),
+    loop = RetrainLoop(rc, model, data, device,
+                       lambda r: append_jsonl(history, {"arch_id": arch_id, "planned_epochs": rc.epochs, **r}),
                        augment=dcfg.augment, cutout=dcfg.cutout,
                        progress=lambda r: append_jsonl(ticks, {"arch_id": arch_id, **r}))  # fmt: skip
     state = read_checkpoint(tune.get_checkpoint())
@@ -115,7 +117,7 @@ def run_retrain(
         )
     }
     trainable = tune.with_resources(tune.with_parameters(retrain_entry, ctx=ctx, fn=trial), per_trial)
-    epochs = ctx.cfg.retrain.epochs
+    epochs = retrain_plan(ctx.cfg, retrain_images(ctx)).epochs
     units = epoch_units(lambda r: r["arch_id"])
     describe = lambda r: f"{r['arch_id']} {describe_epoch_row(r)}"  # noqa: E731
     with Progress(

@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the repo root replaces pipeline/ on the path, so that
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # pipeline/profile.py hides no stdlib module
 
 from dnad.errors import InputError
-from pipeline.cli import Parser
+from pipeline.cli import Parser, fail
 from pipeline.config import build_config, profiles
+from pipeline.progress import one_line
 
 MAIN_KEYS = """main keys (key=value, dotted, values parsed as YAML):
   data.dataset data.root data.train_subset data.test_subset    search.epochs search.batch_size
@@ -49,8 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace):
-    """Config + output folder + pre-flight checks; raises InputError before anything is touched."""
+    """Config + output folder + pre-flight checks (`pipeline.checks.Preflight`); raises InputError
+    before anything is touched."""
     from pipeline.checks import check_all
+    from pipeline.raytools import check_address, check_local_resources
 
     overrides = list(args.overrides)
     if args.address:
@@ -59,44 +63,45 @@ def resolve(args: argparse.Namespace):
     name = Path(args.config).stem if args.config else (args.profile or "quick")
     out = Path(args.output or cfg.output or f"runs/{name}{'-smoke' if args.smoke_test else ''}").resolve()
     cfg = cfg.model_copy(update={"output": str(out)})
-    resuming, search_meta, retrain_meta = check_all(cfg, out, args.fresh)
-    return cfg, out, resuming, search_meta, retrain_meta
-
-
-def detect_resources(cfg):
-    from pipeline.context import Resources
-    from pipeline.raytools import cluster_totals
-
-    cpus, gpus = cluster_totals()
-    if cfg.ray.use_gpu is True and gpus == 0:
-        raise InputError("ray.use_gpu", True, "the Ray cluster has no GPU; use ray.use_gpu=auto or false")
-    use_gpu = gpus > 0 if cfg.ray.use_gpu == "auto" else bool(cfg.ray.use_gpu)
-    return Resources(cpus, gpus, use_gpu)
+    explicit = {o.partition("=")[0] for o in args.overrides}
+    pre = check_all(cfg, out, args.fresh, explicit)
+    check_local_resources(pre.cfg)  # a request this machine can never hold: refused before Ray starts
+    check_address(pre.cfg.ray.address)  # a cluster that is not there: one line within seconds
+    return pre, out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, out, resuming, search_meta, retrain_meta = resolve(args)
+        pre, out = resolve(args)
     except InputError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        return fail(e)
     import ray
 
     from pipeline.context import RunContext
-    from pipeline.raytools import start_ray
+    from pipeline.raytools import await_resources, start_ray
 
     t0 = time.monotonic()
-    start_ray(cfg.ray.address, cfg.ray.num_cpus)
+    cfg = pre.cfg
     try:
-        ctx = RunContext(
-            cfg, out, detect_resources(cfg), data_meta=retrain_meta, train_size=search_meta.train_size
-        )
-        ctx.prepare(args.fresh)
-        return run_stages(ctx, resuming, t0)
+        start_ray(cfg.ray.address, cfg.ray.num_cpus)
+        resources = await_resources(cfg)  # never left pending: refused with the numbers, or waited for
+        ctx = RunContext(cfg, out, resources, data_meta=pre.retrain, train_size=pre.search.train_size)
     except InputError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        ray.shutdown()
+        return fail(e)
+    try:
+        ctx.prepare(args.fresh)
+        for note in pre.notes:
+            print(note)
+        return run_stages(ctx, pre.resuming, t0)
+    except InputError as e:
+        return fail(e)
+    except Exception as e:  # a stage failed: one line here, the traceback in the run folder
+        log = ctx.out / "error.log"
+        log.write_text(traceback.format_exc())
+        sys.stderr.write(f"error: {one_line(e)} (traceback in {log})\n")
+        return 1
     finally:
         ray.shutdown()
 
@@ -112,11 +117,11 @@ def run_stages(ctx, resuming: bool, t0: float) -> int:
     teacher_path = run_teacher(ctx)  # cached by config hash: a resumed run finds it
     if not ctx.stage_done("search"):
         failures = run_sweep(ctx, teacher_path)
+        for tid, err in failures.items():
+            print(f"[search] {tid} failed: {err}")
         if failures and len(failures) == ctx.n_points:
             sys.stderr.write(f"error: every search failed; first: {next(iter(failures.items()))}\n")
             return 1
-        for tid, err in failures.items():
-            print(f"[search] {tid} failed: {err}")
         ctx.mark_done("search", {"failed": failures})
     else:
         print("[search] already finished")

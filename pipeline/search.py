@@ -8,16 +8,15 @@ SearchLoop state as the epoch's checkpoint; a rerun with the same Ray run name r
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import trial_search_config
+from pipeline.config import search_plan
 from pipeline.context import RunContext, thread_count
 
 METRIC_KEYS = ("step", "epoch", "loss", "ce", "kd", "S", "gamma", "mu", "alive_pairs", "est_macs", "train_acc",
-               "img_per_s", "emitted")  # fmt: skip
+               "val_acc", "img_per_s", "emitted")  # fmt: skip
 
 
 def search_worker(config: dict[str, Any]) -> None:
@@ -30,8 +29,9 @@ def search_worker(config: dict[str, Any]) -> None:
     from dnad.distill import load_teacher
     from dnad.search import SearchLoop
     from pipeline.faults import install_search_faults
-    from pipeline.progress import append_jsonl, rewind_jsonl
+    from pipeline.progress import append_jsonl, read_jsonl, rewind_jsonl
     from pipeline.raytools import read_checkpoint, report, worker_setup
+    from pipeline.teacher import teacher_val_acc
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -39,13 +39,14 @@ def search_worker(config: dict[str, Any]) -> None:
     dcfg = DataConfig.model_validate(config["data"])
     scfg = SearchConfig.model_validate(config["search"])
     data = load_dataset(dcfg)
-    teacher = None
+    teacher, teacher_acc = None, None
     if scfg.distill.enabled and config["teacher_path"]:
         if not Path(config["teacher_path"]).is_dir():
             raise FileNotFoundError(
                 f"teacher {config['teacher_path']} is not on this node; put teacher.cache_dir on shared storage"
             )
         teacher = load_teacher(config["teacher_path"])
+        teacher_acc = teacher_val_acc(config["teacher_path"])
     metrics_path, trial_id = Path(config["metrics_path"]), config["trial_id"]
     # where every rank runs (diagnostics; the multi-node test checks the ranks landed on different nodes)
     append_jsonl(metrics_path.parent / "workers.jsonl", {
@@ -57,28 +58,28 @@ def search_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             append_jsonl(metrics_path, {"trial_id": trial_id, **{k: m[k] for k in METRIC_KEYS}})
 
-    loop = SearchLoop(scfg, data, teacher, device, log, rank=rank, world_size=world, augment=dcfg.augment)
+    loop = SearchLoop(scfg, data, teacher, device, log, rank=rank, world_size=world, augment=dcfg.augment,
+                      teacher_val_acc=teacher_acc)  # fmt: skip
     state = read_checkpoint(ray.train.get_checkpoint())
     if state is not None:
         loop.load_state_dict(state)
+    notes_path = metrics_path.with_name("notes.jsonl")
     if rank == 0:  # rows past the checkpoint (an interrupted epoch) are about to be written again
         rewind_jsonl(metrics_path, lambda r: int(r["step"]) <= loop.step)
+        rewind_jsonl(notes_path, lambda r: int(r["index"]) < len(loop.notes))
     install_search_faults(loop, trial_id)  # test hook; nothing unless DNAD_FAULTS is set
+    written = len(read_jsonl(notes_path)) if rank == 0 else 0
 
     def on_epoch_end(lp: SearchLoop) -> None:
+        nonlocal written
+        if rank == 0:  # what the search decided itself (a weak teacher dropped): shown by the console
+            for i in range(written, len(lp.notes)):
+                append_jsonl(notes_path, {"trial_id": trial_id, "index": i, "note": lp.notes[i]})
+            written = len(lp.notes)
         metrics = {"epoch": lp.epoch, "step": lp.step, "emissions": len(lp.emissions), "done": lp.done}
         report(metrics, lp.state_dict() if rank == 0 else None, f"checkpoint_{lp.epoch:06d}")
 
     loop.run(on_epoch_end)
-
-
-def total_steps(ctx: RunContext, epochs: int) -> int:
-    """Upper bound on the steps of one search (it may stop early once S < S_min)."""
-    n = ctx.train_size or 0
-    per_rank = math.ceil(n / ctx.cfg.ray.workers)
-    steps = per_rank // ctx.cfg.search.batch_size
-    cap = ctx.cfg.search.max_steps_per_epoch
-    return epochs * (min(steps, cap) if cap else steps)
 
 
 def run_search(ctx: RunContext, point: dict[str, Any], teacher_path: str | None) -> list[dict[str, Any]]:
@@ -91,7 +92,7 @@ def run_search(ctx: RunContext, point: dict[str, Any], teacher_path: str | None)
     cpus = res.search_worker(cfg)
     config = {
         "data": cfg.data.model_dump(mode="json"),
-        "search": trial_search_config(cfg, point).model_dump(mode="json"),
+        "search": search_plan(cfg, point, ctx.train_size or 0).config.model_dump(mode="json"),
         "teacher_path": teacher_path,
         "metrics_path": str(ctx.out / "search" / tid / "metrics.jsonl"),
         "trial_id": tid,

@@ -12,10 +12,10 @@ import json
 from typing import Any
 
 from dnad.checkpoint import atomic_write_text
-from pipeline.config import sweep_points, trial_search_config
+from pipeline.config import search_plan, sweep_points
 from pipeline.context import RunContext
-from pipeline.progress import Progress
-from pipeline.search import run_search, total_steps
+from pipeline.progress import Progress, one_line
+from pipeline.search import run_search
 
 
 def sweep_trial(config: dict[str, Any], ctx: RunContext, teacher_path: str | None) -> None:
@@ -52,7 +52,7 @@ def run_sweep(ctx: RunContext, teacher_path: str | None) -> dict[str, str]:
     todo = [p for p in points if not (ctx.out / "search" / p["trial_id"] / "emissions.json").is_file()]
     if len(todo) < len(points):
         print(f"[search] {len(points) - len(todo)} of {len(points)} searches already finished")
-    total = sum(total_steps(ctx, trial_search_config(ctx.cfg, p).epochs) for p in todo)
+    total = sum(search_plan(ctx.cfg, p, ctx.train_size or 0).steps for p in todo)
     units = lambda r: (r["trial_id"], int(r["step"]))  # noqa: E731
     describe = lambda r: (  # noqa: E731
         f"{r['trial_id']} epoch {r['epoch']} S={r['S']:.1f} pairs={r['alive_pairs']} "
@@ -61,7 +61,7 @@ def run_sweep(ctx: RunContext, teacher_path: str | None) -> dict[str, str]:
     failures: dict[str, str] = {}
     if not todo:
         return failures
-    with Progress("search", total, ctx.out / "search", units, describe):
+    with Progress("search", total, ctx.out / "search", units, describe) as progress:
         if len(points) == 1:
             try:
                 outcomes: dict[str, Any] = {todo[0]["trial_id"]: run_search(ctx, todo[0], teacher_path)}
@@ -69,15 +69,13 @@ def run_sweep(ctx: RunContext, teacher_path: str | None) -> dict[str, str]:
                 outcomes = {todo[0]["trial_id"]: e}
         else:
             outcomes = _run_tune(ctx, todo, teacher_path)
-    for tid, emissions in outcomes.items():
-        if isinstance(emissions, BaseException):
-            failures[tid] = one_line(emissions)
-            continue
-        atomic_write_text(ctx.out / "search" / tid / "emissions.json", json.dumps(emissions, indent=1))
+        for tid, emissions in outcomes.items():
+            if isinstance(emissions, BaseException):
+                failures[tid] = one_line(emissions)
+                continue
+            atomic_write_text(ctx.out / "search" / tid / "emissions.json", json.dumps(emissions, indent=1))
+        if failures and len(failures) == len(todo):
+            progress.fail(f"every search failed; {next(iter(failures))}: {next(iter(failures.values()))}")
+        elif failures:
+            progress.summary = f" ({len(failures)} of {len(todo)} searches failed)"
     return failures
-
-
-def one_line(e: BaseException) -> str:
-    """The last meaningful line of an error (Ray wraps worker tracebacks in several layers)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(e).__name__)[:300]

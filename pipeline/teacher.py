@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dnad.budget import plan_retrain, steps_per_epoch
 from dnad.config import RetrainConfig
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, thread_count
@@ -29,24 +30,29 @@ from pipeline.progress import (
 CACHE_FORMAT = 2  # 2: the teacher's accuracy is measured on the validation split
 
 
-def teacher_hash(cfg: RunConfig) -> str:
-    """sha256 of everything that changes the trained teacher's weights."""
+def teacher_hash(cfg: RunConfig, n_train: int | None = None) -> str:
+    """sha256 of everything that changes the trained teacher's weights (`n_train`: the training
+    images, which an image folder's config alone does not pin down)."""
     spec = {
         "format": CACHE_FORMAT,
         "teacher": cfg.search.distill.teacher.model_dump(mode="json"),
-        "data": cfg.retrain_data_config().model_dump(mode="json", exclude={"test_subset"}),
+        "data": cfg.retrain_data_config().model_dump(mode="json", exclude={"test_subset", "cache_dir"}),
         "max_steps_per_epoch": cfg.teacher.max_steps_per_epoch,
+        "n_train": n_train,
+        "stem": cfg.search.supernet.stem,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def teacher_recipe(cfg: RunConfig) -> RetrainConfig:
-    """The RetrainConfig a teacher is trained with: SGD at the teacher's own epochs, batch and lr."""
+def teacher_recipe(cfg: RunConfig, n_train: int) -> RetrainConfig:
+    """The RetrainConfig a teacher is trained with: SGD at the teacher's own batch and lr, for its
+    epochs or `min_steps` steps on `n_train` training images, whichever is longer (`dnad.budget`)."""
     t, seed = cfg.search.distill.teacher, cfg.retrain_data_config().seed
-    return RetrainConfig(
-        C=t.C, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, auxiliary_weight=0.0, drop_path=0.0,
-        max_steps_per_epoch=cfg.teacher.max_steps_per_epoch, seed=seed,
+    recipe = RetrainConfig(
+        C=t.C, epochs=max(t.epochs, 1), min_steps=t.min_steps, batch_size=t.batch_size, lr=t.lr,
+        auxiliary_weight=0.0, drop_path=0.0, max_steps_per_epoch=cfg.teacher.max_steps_per_epoch, seed=seed,
     )  # fmt: skip
+    return plan_retrain(recipe, steps_per_epoch(n_train, t.batch_size, 1, recipe.max_steps_per_epoch))
 
 
 def teacher_spec(cfg: RunConfig, data: Any, val_acc: float | None) -> dict[str, Any]:
@@ -57,9 +63,20 @@ def teacher_spec(cfg: RunConfig, data: Any, val_acc: float | None) -> dict[str, 
         "num_classes": data.num_classes,
         "in_channels": data.in_channels,
         "image_size": data.image_size,
+        "stem": cfg.search.supernet.stem,
         "val_acc": val_acc,
-        "config_hash": teacher_hash(cfg),
+        "config_hash": teacher_hash(cfg, len(data.train)),
     }
+
+
+def teacher_val_acc(path: str | Path) -> float | None:
+    """The validation accuracy recorded in a teacher folder's teacher.json (None when unknown)."""
+    f = Path(path) / "teacher.json"
+    try:
+        acc = json.loads(f.read_text()).get("val_acc")
+    except (OSError, ValueError):
+        return None
+    return float(acc) if acc is not None else None
 
 
 def teacher_worker(config: dict[str, Any]) -> None:
@@ -78,8 +95,8 @@ def teacher_worker(config: dict[str, Any]) -> None:
     data = load_dataset(dcfg)
     t = cfg.search.distill.teacher
     torch.manual_seed(dcfg.seed)  # the initial weights do not depend on the worker process's RNG state
-    model = make_teacher(t, data.num_classes, data.in_channels, data.image_size)
-    rcfg = teacher_recipe(cfg)
+    model = make_teacher(t, data.num_classes, data.in_channels, data.image_size, cfg.search.supernet.stem)
+    rcfg = teacher_recipe(cfg, len(data.train))
     metrics = Path(config["metrics_path"])
     ticks = metrics.with_name("progress.jsonl")  # within-epoch rows for the display only
     loop = RetrainLoop(
@@ -122,7 +139,7 @@ def _train(ctx: RunContext, dest: Path) -> None:
     cfg, res = ctx.cfg, ctx.resources
     assert res is not None
     cpus = res.search_worker(cfg)
-    t = cfg.search.distill.teacher
+    epochs = teacher_recipe(cfg, retrain_images(ctx)).epochs
     metrics_path = ctx.out / "teacher" / "metrics.jsonl"
     config = {
         "cfg": cfg.model_dump(mode="json"),
@@ -136,7 +153,7 @@ def _train(ctx: RunContext, dest: Path) -> None:
     )  # fmt: skip
     units = epoch_units(lambda r: "teacher")
     with Progress(
-        "teacher", EPOCH_SCALE * t.epochs, metrics_path.parent, units, describe_epoch_row, scale=EPOCH_SCALE
+        "teacher", EPOCH_SCALE * epochs, metrics_path.parent, units, describe_epoch_row, scale=EPOCH_SCALE
     ):
         result = trainer.fit()
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
@@ -154,7 +171,7 @@ def _untrained(ctx: RunContext, dest: Path) -> None:
     data = load_dataset(ctx.cfg.retrain_data_config())
     t = ctx.cfg.search.distill.teacher
     torch.manual_seed(ctx.cfg.retrain_data_config().seed)
-    model = make_teacher(t, data.num_classes, data.in_channels, data.image_size)
+    model = make_teacher(t, data.num_classes, data.in_channels, data.image_size, ctx.cfg.search.supernet.stem)
     save_teacher(dest, model, teacher_spec(ctx.cfg, data, None))
 
 
@@ -168,14 +185,42 @@ def run_teacher(ctx: RunContext) -> str | None:
         path = str(Path(d.teacher.checkpoint).resolve())
         print(f"[teacher] using checkpoint {path}")
         return path
-    dest = Path(ctx.cfg.teacher.cache_dir).expanduser().resolve() / teacher_hash(ctx.cfg)
+    dest = Path(ctx.cfg.teacher.cache_dir).expanduser().resolve() / teacher_hash(ctx.cfg, retrain_images(ctx))
     if (dest / "teacher.json").is_file():
-        acc = json.loads((dest / "teacher.json").read_text()).get("val_acc")
-        print(f"[teacher] cached: {dest}" + (f" (val acc {100 * acc:.2f}%)" if acc is not None else ""))
-        return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if d.teacher.epochs == 0:
-        _untrained(ctx, dest)
+        print(f"[teacher] cached: {dest}")
     else:
-        _train(ctx, dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if d.teacher.epochs == 0:
+            _untrained(ctx, dest)
+        else:
+            _train(ctx, dest)
+    judge_teacher(ctx, dest)
     return str(dest)
+
+
+def retrain_images(ctx: RunContext) -> int:
+    """Training images of the retrain data (what teachers are trained on)."""
+    assert ctx.data_meta is not None
+    return int(ctx.data_meta.train_size or 0)
+
+
+def judge_teacher(ctx: RunContext, path: Path) -> None:
+    """Print (and keep in stages/teacher.json) the teacher's validation accuracy; say so when it is near
+    chance (each search then decides by `search.distill.weak_teacher`, and checks it again against the
+    super-network after warm-up)."""
+    acc = teacher_val_acc(path)
+    m = ctx.data_meta
+    assert m is not None
+    chance = 1.0 / m.num_classes
+    if acc is None:
+        print("[teacher] untrained (epochs=0): no validation accuracy")
+    else:
+        print(
+            f"[teacher] validation accuracy {100 * acc:.2f}% on {m.val_size} images (chance: {100 * chance:.1f}%)"
+        )
+    if acc is not None and acc < chance + 0.1 * (1.0 - chance):
+        what = ("the searches run without distillation" if ctx.cfg.search.distill.weak_teacher == "drop"
+                else "distilling anyway (search.distill.weak_teacher=keep)")  # fmt: skip
+        print(f"[teacher] warning: near chance, a teacher not worth imitating; {what}. More teacher "
+              "epochs (search.distill.teacher.epochs / min_steps) or a checkpoint teacher may help.")  # fmt: skip
+    ctx.mark_done("teacher", {"path": str(path), "val_acc": acc, "chance": chance})

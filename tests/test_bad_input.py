@@ -12,6 +12,7 @@ import yaml
 
 import pipeline.raytools
 from dnad.errors import InputError
+from pipeline.checks import fit_data
 from pipeline.config import build_config, to_yaml
 from pipeline.run import main, parse_args, resolve
 
@@ -40,9 +41,21 @@ CASES = [
     ("imagefolder-without-classes", ["data.dataset=imagefolder", "data.root={t}/img_empty"],
      ["data.root=", "img_empty/train", "no class folders"]),
     ("imagefolder-class-without-images", ["data.dataset=imagefolder", "data.root={t}/img_noimg"],
-     ["data.root=", "img_noimg/train/cat", "no images"]),
+     ["data.root=", "img_noimg/train/cat", "no readable image in this class folder"]),
     ("imagefolder-without-val", ["data.dataset=imagefolder", "data.root={t}/img_noval"],
      ["data.root=", "img_noval", "no val/"]),
+    ("imagefolder-one-class", ["data.dataset=imagefolder", "data.root={t}/img_one"],
+     ["data.root=", "img_one/train", "has 1 class folder (cat); a classifier needs at least two"]),
+    ("imagefolder-bad-files-refused", ["data.dataset=imagefolder", "data.root={t}/img_junk", "data.bad_files=error"],
+     ["data.bad_files='error'", "2 file(s) under", "img_junk/train", "cat/notes.txt: not an image", "dog/x.jpg: unreadable"]),
+    ("explicit-subset-larger-than-the-data", ["--smoke-test", "data.train_subset=1000"],
+     ["data.train_subset=1000", "larger than the train split once 26 validation images are held out (230 images)"]),
+    ("search-workers-the-machine-cannot-hold", ["--smoke-test", "ray.num_cpus=2", "ray.workers=3", "ray.cpus_per_worker=2"],
+     ["ray.workers=3", "3 search worker(s) × 2 CPU each on one node", "1 node(s) with 2 CPUs (room for 1)"]),
+    ("retrain-trial-the-machine-cannot-hold", ["--smoke-test", "ray.num_cpus=2", "ray.cpus_per_trial=8"],
+     ["ray.cpus_per_trial=8", "a retrain trial needs 8 CPU on one node", "1 node(s) with 2 CPUs"]),
+    ("address-where-no-cluster-answers", ["--smoke-test", "--address", "127.0.0.1:9"],
+     ["ray.address='127.0.0.1:9'", "no Ray cluster answers there", "ray start --head"]),
     ("gpu-without-gpu", ["--smoke-test", "ray.use_gpu=true"], ["ray.use_gpu=True", "no CUDA GPU", "auto"]),
     ("output-under-a-file", ["--smoke-test", "--output", "{t}/afile/run"],
      ["--output=", "afile/run", "not writable"]),
@@ -64,16 +77,26 @@ CASES = [
 
 def scene(t: Path) -> None:
     """The scratch folder every case starts from (some cases read parts of it)."""
-    for d in ("img_empty/train", "img_empty/val", "img_noimg/train/cat", "img_noimg/val/cat",
-              "img_noval/train/cat", "notarun", "readonly"):  # fmt: skip
+    from PIL import Image
+
+    for d in ("img_empty/train", "img_empty/val", "img_noimg/train/cat", "img_noimg/val/cat", "img_noimg/train/dog",
+              "img_noimg/val/dog", "img_noval/train/cat", "img_one/train/cat", "img_one/val/cat", "img_junk/train/cat",
+              "img_junk/train/dog", "img_junk/val/cat", "img_junk/val/dog", "notarun", "readonly"):  # fmt: skip
         (t / d).mkdir(parents=True)
+    for d in ("img_noimg/train/dog", "img_noimg/val/dog", "img_one/train/cat", "img_one/val/cat", "img_junk/train/cat",
+              "img_junk/train/dog", "img_junk/val/cat", "img_junk/val/dog"):  # fmt: skip
+        Image.new("RGB", (8, 8)).save(t / d / "a.png")
     (t / "img_noimg/train/cat/readme.txt").write_text("not an image")
     (t / "img_noimg/val/cat/readme.txt").write_text("not an image")
     (t / "img_noval/train/cat/a.png").write_bytes(b"\x89PNG")
+    (t / "img_junk/train/cat/notes.txt").write_text("not an image")
+    (t / "img_junk/train/dog/x.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     (t / "afile").write_text("a file, not a folder")
     (t / "notarun/notes.txt").write_text("someone's files")
     os.chmod(t / "readonly", 0o500)
-    saved = build_config(None, None, [f"teacher.cache_dir={t}/cache"], smoke=True)  # a run to resume
+    saved, _ = fit_data(
+        build_config(None, None, [f"teacher.cache_dir={t}/cache"], smoke=True), set()
+    )  # a run
     (t / "run").mkdir()
     (t / "run/config.yaml").write_text(to_yaml(saved.model_copy(update={"output": str(t / "run")})))
 
@@ -124,12 +147,12 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(args, texts, tmp_pa
 def test_the_saved_run_resumes_unchanged_and_fresh_overrides(tmp_path, no_ray):
     """Controls for the two resume cases: the same config resumes, --fresh allows a changed one."""
     scene(tmp_path)
-    same = resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run"], tmp_path)))
-    assert same[2] is True  # resuming
-    fresh = resolve(
+    same, _ = resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run"], tmp_path)))
+    assert same.resuming is True
+    fresh, _ = resolve(
         parse_args(argv(["--smoke-test", "--fresh", "--output", "{t}/run", "search.epochs=3"], tmp_path))
     )
-    assert fresh[2] is False and fresh[0].search.epochs == 3
+    assert fresh.resuming is False and fresh.cfg.search.epochs == 3
 
 
 def test_a_run_saved_before_a_setting_existed_resumes(tmp_path, no_ray):
@@ -139,7 +162,7 @@ def test_a_run_saved_before_a_setting_existed_resumes(tmp_path, no_ray):
     saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
     del saved["retrain"]["cuda_graph"], saved["retrain"]["label_smoothing"]
     (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(saved))
-    assert resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run"], tmp_path)))[2] is True
+    assert resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run"], tmp_path)))[0].resuming is True
     with pytest.raises(InputError, match=r"retrain\.epochs"):
         resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run", "retrain.epochs=7"], tmp_path)))
 

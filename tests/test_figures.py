@@ -89,7 +89,7 @@ def synthetic_metric_rows(trials: tuple[str, ...] = ("t0", "t1"), steps: int = 4
             rows.append({
                 "trial_id": tid, "step": s, "epoch": s // 10, "loss": 2.0 - s / steps, "ce": 1.0, "kd": 0.5,
                 "S": 100.0 - s - t, "gamma": 0.01 * s, "mu": 0.1, "alive_pairs": 56 - s, "est_macs": int(1e7 - s * 1e5),
-                "train_acc": s / steps, "img_per_s": 100.0, "emitted": s % 10 == 0 and s > 0,
+                "train_acc": s / steps, "val_acc": 0.9 * s / steps, "img_per_s": 100.0, "emitted": s % 10 == 0 and s > 0,
             })  # fmt: skip
     return rows
 
@@ -224,15 +224,15 @@ def test_dynamics_subplots_and_trace_groups():
     fig = dynamics_figure(metrics)
     d = fig.to_dict()
     yaxes = sorted(k for k in d["layout"] if re.fullmatch(r"yaxis\d*", k))
-    assert len(yaxes) == len(DYNAMICS_PANELS) == 7
-    titles = [d["layout"][f"yaxis{i if i > 1 else ''}"]["title"]["text"] for i in range(1, 8)]
+    assert len(yaxes) == len(DYNAMICS_PANELS) == 8
+    titles = [d["layout"][f"yaxis{i if i > 1 else ''}"]["title"]["text"] for i in range(1, 9)]
     assert titles == [label for _, label in DYNAMICS_PANELS]
     assert {"γ", "μ", "alive pairs", "est. MACs", "train acc"} <= set(titles)
     for tid in ("t0", "t1"):
         group = [t for t in d["data"] if t["legendgroup"] == f"trial-{tid}"]
         lines = [t for t in group if t["mode"] == "lines"]
         marks = [t for t in group if t["mode"] == "markers"]
-        assert len(lines) == len(marks) == 7  # one line and one emission series per panel
+        assert len(lines) == len(marks) == 8  # one line and one emission series per panel
         assert sum(bool(t["showlegend"]) for t in group) == 2  # shown once in the legend
         emitted = metrics[(metrics["trial_id"] == tid) & metrics["emitted"]]["step"].tolist()
         assert all(list(t["x"]) == emitted for t in marks)
