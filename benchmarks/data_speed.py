@@ -76,7 +76,10 @@ def time_torchvision(data, n: int) -> float:
         area = H * W * (0.08 + 0.92 * float(torch.rand(1, generator=g)))
         aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * float(torch.rand(1, generator=g)))
         w, h = min(W, round(math.sqrt(area * aspect))), min(H, round(math.sqrt(area / aspect)))
-        top, left = int(torch.randint(0, H - h + 1, (1,), generator=g)), int(torch.randint(0, W - w + 1, (1,), generator=g))
+        top, left = (
+            int(torch.randint(0, H - h + 1, (1,), generator=g)),
+            int(torch.randint(0, W - w + 1, (1,), generator=g)),
+        )
         out = TF.resized_crop(img, top, left, h, w, [s, s], antialias=True)
         if float(torch.rand(1, generator=g)) < 0.5:
             out = out.flip(2)
@@ -115,11 +118,25 @@ def main() -> None:
     data = load_dataset(DataConfig(dataset="imagefolder", root=str(root), image_size=a.side, val_size=8,
                                    cache_dir=str(root / ".cache")))  # fmt: skip
     cores = os.cpu_count() or 1
-    machine = {"machine": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__}
+    machine = {
+        "machine": platform.processor() or platform.machine(),
+        "cores": cores,
+        "torch": torch.__version__,
+    }
     rows = []
     for workers in sorted({1, 2, cores}):
-        rows.append({"what": f"dnad BatchIterator (PIL), {workers} thread(s)", "img_per_s": time_iterator(data, a.batch, workers, a.batches)})
-    rows.append({"what": "torchvision decode_jpeg + resized_crop, 1 thread", "img_per_s": time_torchvision(data, a.batch * 2)})
+        rows.append(
+            {
+                "what": f"dnad BatchIterator (PIL), {workers} thread(s)",
+                "img_per_s": time_iterator(data, a.batch, workers, a.batches),
+            }
+        )
+    rows.append(
+        {
+            "what": "torchvision decode_jpeg + resized_crop, 1 thread",
+            "img_per_s": time_torchvision(data, a.batch * 2),
+        }
+    )
     if a.step_batch:
         rows.append({"what": f"ImageNet search step consumes ({cores} threads, batch {a.step_batch})",
                      "img_per_s": search_step(a.step_batch, cores)})  # fmt: skip

@@ -56,7 +56,7 @@ from dnad.network import build_model
 from dnad.ops import resolve_op_set
 from dnad.results import pareto_mask
 from dnad.retrain import RetrainLoop
-from dnad.search import SearchLoop
+from dnad.strategies.snps import SearchLoop
 from pipeline.config import RunConfig, build_config
 
 # hypervolume reference point: (test error, log10 MACs) — worse than anything worth keeping

@@ -24,8 +24,9 @@ def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1, cap: in
 
 
 def epochs_for(epochs: int, min_steps: int, per_epoch: int) -> int:
-    """The epochs a stage runs: at least `epochs`, and enough for `min_steps` steps."""
-    return max(epochs, math.ceil(min_steps / max(per_epoch, 1)))
+    """The epochs a stage runs: at least `epochs`, and enough for `min_steps` steps (a stage that
+    takes no steps, e.g. random search, keeps its epochs)."""
+    return max(epochs, math.ceil(min_steps / per_epoch)) if per_epoch > 0 else epochs
 
 
 @dataclass(frozen=True)

@@ -165,8 +165,38 @@ class DistillConfig(Strict):
     )
 
 
+class DartsConfig(Strict):
+    """The `darts` strategy's architecture optimizer (DARTS' own: Adam on α)."""
+
+    a_lr: float = Field(3e-4, gt=0.0)
+    a_betas: tuple[float, float] = (0.5, 0.999)
+    a_weight_decay: float = Field(1e-3, ge=0.0)
+
+
+class RandomConfig(Strict):
+    """The `random` strategy: genotypes sampled in the search space."""
+
+    count: int = Field(6, ge=1, description="genotypes sampled per search")
+    macs_fraction: tuple[float, float] = Field(
+        (0.35, 1.0), description="their MACs, as fractions of the dense super-network's (search width)"
+    )
+
+    @field_validator("macs_fraction")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("must be 0 < low <= high <= 1")
+        return v
+
+
 class SearchConfig(Strict):
-    """The one-level search loop."""
+    """One search: the space, the strategy, and the loop."""
+
+    strategy: str = Field(
+        "dnad", description="dnad (SNPS + distillation), snps, darts or random (dnad.search registry)"
+    )
+    darts: DartsConfig = DartsConfig()
+    random: RandomConfig = RandomConfig()
 
     supernet: SupernetConfig = SupernetConfig()
     shrink: ShrinkConfig = ShrinkConfig()
@@ -193,6 +223,14 @@ class SearchConfig(Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke tests)")
     max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite steps before DivergenceError")
     seed: int = 0
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_known(cls, v: str) -> str:
+        from dnad.search import strategy_class  # local: the strategies import torch
+
+        strategy_class(v)
+        return v
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> SearchConfig:

@@ -421,6 +421,13 @@ def _stratified_order(labels: Tensor, g: torch.Generator) -> Tensor:
     return perm[torch.argsort(key, stable=True)]
 
 
+def halves(split: Split, seed: int) -> tuple[Split, Split]:
+    """Two disjoint, class-stratified halves of a split (seeded), e.g. DARTS' weight and α halves of
+    the training images."""
+    order = _stratified_order(split.labels, _gen(seed, "halves"))
+    return split.subset(torch.sort(order[0::2]).values), split.subset(torch.sort(order[1::2]).values)
+
+
 def _take(split: Split, k: int | None, field: str, what: str, g: torch.Generator) -> Split:
     if k is None:
         return split

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 ARCH_SCHEMA: dict[str, str] = {
-    "arch_id": "string", "trial_id": "string", "temperature": "float64", "gamma0": "float64",
+    "arch_id": "string", "trial_id": "string", "strategy": "string", "temperature": "float64", "gamma0": "float64",
     "phi": "float64", "t_max": "int64", "s_min": "float64", "sparsity": "string",
     "emission_index": "int64", "step": "int64", "epoch": "int64", "S": "float64", "alive_pairs": "int64",
     "params": "int64", "macs": "int64", "retrain_epochs": "int64", "val_error": "float64",

@@ -225,10 +225,18 @@ class MixedCell(nn.Module):
         return torch.cat(views.states[2:], dim=1)
 
 
-class SuperNet(nn.Module):
-    """The SNPS super-network: stem, `cells` mixed cells with their own α, head.
+MIXINGS = ("relu", "softmax")
 
-    Input (N, in_channels, H, W) -> logits (N, num_classes).
+
+class SuperNet(nn.Module):
+    """The search space as one network: stem, `cells` mixed cells, head. Input (N, in_channels, H, W)
+    -> logits (N, num_classes).
+
+    How α becomes mixing weights is the search strategy's choice (`mixing`): "relu" (SNPS): per node,
+    ReLU(α) / Σ ReLU(α) over all its (input, op) pairs, pairs under `baseline` are not computed and
+    can be deleted for good; "softmax" (DARTS): per edge (node, input), a softmax over the ops, every
+    pair computed. `shared_alpha`: one α row for all normal cells and one for all reduction cells
+    (DARTS' shared topology) instead of one per cell (SNPS' non-shared topology).
     """
 
     def __init__(
@@ -243,8 +251,13 @@ class SuperNet(nn.Module):
         baseline: float = 0.01,
         alpha_init: float = 2.0,
         stem: str = "auto",
+        mixing: str = "relu",
+        shared_alpha: bool = False,
     ):
         super().__init__()
+        if mixing not in MIXINGS:
+            raise ValueError(f"unknown mixing {mixing!r}; use one of {MIXINGS}")
+        self.mixing, self.shared_alpha = mixing, shared_alpha
         self.op_names = resolve_op_set(ops)
         self.C, self.num_cells, self.num_classes, self.nodes = C, num_cells, num_classes, nodes
         self.in_channels, self.image_size, self.baseline = in_channels, image_size, baseline
@@ -255,7 +268,10 @@ class SuperNet(nn.Module):
         self.head = Head(self.plans[-1].C_out, num_classes)
         self.segments = node_segments(nodes, len(self.op_names))
         P = self.cells[0].num_pairs
-        self.alpha = nn.Parameter(torch.full((num_cells, P), float(alpha_init)))
+        # cell c reads α row alpha_rows[c]: its own, or (shared) 0 for normal and 1 for reduction cells
+        rows = [int(p.reduction) for p in self.plans] if shared_alpha else list(range(num_cells))
+        self.register_buffer("alpha_rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.alpha = nn.Parameter(torch.full((max(rows) + 1, P), float(alpha_init)))
         self.register_buffer("deleted", torch.zeros(num_cells, P, dtype=torch.bool))
         self.register_buffer("cost_weight", torch.ones(num_cells, P))
         self.taps = stage_taps(num_cells)
@@ -267,12 +283,22 @@ class SuperNet(nn.Module):
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n != "alpha"]
 
+    def cell_alpha(self) -> torch.Tensor:
+        """(cells, pairs) α of every cell (rows repeated when shared), differentiable."""
+        return self.alpha if not self.shared_alpha else self.alpha.index_select(0, self.alpha_rows)
+
     def mixing_weights(self) -> torch.Tensor:
         """(cells, pairs) normalised weights w, differentiable w.r.t. α."""
-        return normalise(self.alpha, self.deleted, self.segments)
+        a = self.cell_alpha()
+        if self.mixing == "softmax":  # every edge's pairs are `len(ops)` consecutive columns
+            return a.view(a.shape[0], -1, len(self.op_names)).softmax(-1).reshape(a.shape)
+        return normalise(a, self.deleted, self.segments)
 
     @torch.no_grad()
     def alive_mask(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Pairs that are computed: not deleted and (ReLU mixing) at or above `baseline`."""
+        if self.mixing == "softmax":
+            return ~self.deleted
         w = self.mixing_weights() if w is None else w.detach()
         return (w >= self.baseline) & ~self.deleted
 
@@ -282,6 +308,8 @@ class SuperNet(nn.Module):
     @torch.no_grad()
     def delete_below_threshold(self) -> int:
         """Delete (permanently) every not-yet-deleted pair with w < baseline; returns how many."""
+        if self.mixing != "relu" or self.shared_alpha:
+            raise RuntimeError("deletion is part of SNPS: per-cell α with ReLU mixing")
         newly = (self.mixing_weights() < self.baseline) & ~self.deleted
         self.deleted |= newly
         self.enforce_deleted()
@@ -290,7 +318,8 @@ class SuperNet(nn.Module):
     @torch.no_grad()
     def enforce_deleted(self) -> None:
         """Pin deleted α at -1000 (an optimizer with momentum must not revive them)."""
-        self.alpha.masked_fill_(self.deleted, DELETED_ALPHA)
+        if not self.shared_alpha:  # a shared α row has no pair of its own to delete
+            self.alpha.masked_fill_(self.deleted, DELETED_ALPHA)
 
     def sparsity(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """S = Σ cost_weight · log(1 + 50·w) over every cell, node and pair (scalar, differentiable)."""

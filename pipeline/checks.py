@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from dnad.config import DataConfig
 from dnad.errors import InputError
-from pipeline.config import RunConfig, initial_sparsity, sweep_points, trial_search_config
+from pipeline.config import RunConfig, initial_sparsity, needs_teacher, sweep_points, trial_search_config
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def fit_data(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfig, list[str]]:
         if key in explicit:
             raise InputError(key, value, f"larger than {where} ({have[split]} images)")
         d[section][field] = have[split]
-        notes.append(f"note: {key}={value} (profile) capped to {have[split]}: {where} has no more")
+        notes.append(f"note: {key}={value} (profile) capped to {have[split]}, all of {where}")
     from pipeline.config import validate
 
     return validate(d), notes
@@ -125,7 +125,7 @@ def _writable(path: Path, field: str) -> None:
 
 def check_teacher(cfg: RunConfig) -> None:
     d = cfg.search.distill
-    if not d.enabled:
+    if not needs_teacher(cfg):
         return
     t = d.teacher
     if t.kind == "checkpoint":

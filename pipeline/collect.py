@@ -11,7 +11,8 @@ import json
 
 import pandas as pd
 
-from pipeline.config import SWEEP_KEYS, sweep_points, trial_search_config
+from dnad.search import uses_teacher
+from pipeline.config import SWEEP_KEYS, sweep_points, swept_value, trial_search_config
 from pipeline.context import RunContext
 
 EMISSION_COLUMNS = ("emission_index", "step", "epoch", "S", "alive_pairs")
@@ -26,8 +27,8 @@ def gather_emissions(ctx: RunContext) -> pd.DataFrame:
         if not f.is_file():
             continue  # that search failed
         s = trial_search_config(ctx.cfg, point)
-        swept = {k: getattr(getattr(s, sec), field) for k, (sec, field) in SWEEP_KEYS.items()}
-        if not s.distill.enabled:
+        swept = {k: swept_value(s, k) for k in SWEEP_KEYS}
+        if not uses_teacher(s):
             swept["temperature"] = float("nan")  # no KD, no temperature
         for e in json.loads(f.read_text()):
             rows.append({

@@ -21,7 +21,8 @@ from dnad.config import DataConfig, RetrainConfig, SearchConfig
 from dnad.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SWEEP_KEYS = {  # sweep list -> the SearchConfig field it overrides
+SWEEP_KEYS = {  # sweep list -> the path of the SearchConfig field it overrides
+    "strategy": ("strategy",),
     "temperature": ("distill", "temperature"),
     "gamma0": ("shrink", "gamma0"),
     "phi": ("shrink", "phi"),
@@ -36,8 +37,10 @@ class Strict(BaseModel):
 
 
 class SweepConfig(Strict):
-    """Grid over KD temperature and the shrink schedule; an empty list keeps the search's own value."""
+    """Grid over the search strategy, KD temperature and the shrink schedule; an empty list keeps the
+    search's own value."""
 
+    strategy: list[str] = []
     temperature: list[float] = []
     gamma0: list[float] = []
     phi: list[float] = []
@@ -143,33 +146,53 @@ def sweep_points(cfg: RunConfig) -> list[dict[str, Any]]:
     return points
 
 
+def swept_value(s: SearchConfig, key: str) -> Any:
+    """The value of sweep key `key` in a search config."""
+    v: Any = s
+    for part in SWEEP_KEYS[key]:
+        v = getattr(v, part)
+    return v
+
+
 def trial_search_config(cfg: RunConfig, point: dict[str, Any]) -> SearchConfig:
     """The SearchConfig of one sweep point (validated: a bad swept value names `sweep.<key>`)."""
     d = cfg.search.model_dump()
     d["seed"] = point.get("seed", cfg.search.seed)
-    for key, (section, field) in SWEEP_KEYS.items():
+    for key, path in SWEEP_KEYS.items():
         if key in point:
-            d[section][field] = point[key]
+            node = d
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = point[key]
     try:
         return SearchConfig.model_validate(d)
     except ValidationError as e:
         err = e.errors()[0]
-        key = next((k for k, (s, f) in SWEEP_KEYS.items() if tuple(err["loc"][:2]) == (s, f)), None)
+        key = next((k for k, path in SWEEP_KEYS.items() if tuple(err["loc"][: len(path)]) == path), None)
         where = f"sweep.{key}" if key else "search." + ".".join(map(str, err["loc"]))
         raise InputError(where, err.get("input"), err["msg"].removeprefix("Value error, ")) from None
 
 
 def search_plan(cfg: RunConfig, point: dict[str, Any], n_train: int) -> SearchPlan:
     """What the search of one sweep point really runs on `n_train` training images (`dnad.budget`)."""
+    from dnad.search import strategy_class
+
     s = trial_search_config(cfg, point)
-    per_epoch = steps_per_epoch(n_train, s.batch_size, cfg.ray.workers, s.max_steps_per_epoch)
-    return plan_search(s, per_epoch)
+    images = strategy_class(s.strategy).images_per_epoch(n_train)
+    return plan_search(s, steps_per_epoch(images, s.batch_size, cfg.ray.workers, s.max_steps_per_epoch))
 
 
 def retrain_plan(cfg: RunConfig, n_train: int) -> RetrainConfig:
     """The retrain recipe with the epochs it really runs on `n_train` training images."""
     r = cfg.retrain
     return plan_retrain(r, steps_per_epoch(n_train, r.batch_size, 1, r.max_steps_per_epoch))
+
+
+def needs_teacher(cfg: RunConfig) -> bool:
+    """Whether any search of the sweep distils from a teacher (then the teacher stage makes one)."""
+    from dnad.search import uses_teacher
+
+    return any(uses_teacher(trial_search_config(cfg, p)) for p in sweep_points(cfg))
 
 
 def initial_sparsity(cfg: SearchConfig) -> float:

@@ -8,7 +8,7 @@ import pandas as pd
 
 from dnad.budget import steps_per_epoch
 from dnad.results import architectures_table, metrics_table, read_cards, summary_table, write_results
-from pipeline.config import initial_sparsity, retrain_plan, search_plan, sweep_points
+from pipeline.config import initial_sparsity, needs_teacher, retrain_plan, search_plan, sweep_points
 from pipeline.context import RunContext
 from pipeline.progress import read_jsonl
 
@@ -45,7 +45,7 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
         f"; shrink constants rescaled ×{plan.shrink_scale:.2f} to its steps" if plan.shrink_scale != 1 else ""
     )
     kd = "KD off"
-    if s.distill.enabled:
+    if needs_teacher(cfg):
         t = s.distill.teacher
         kd = f"KD on (T={s.distill.temperature}, teacher {teacher_name(t.model_dump())}"
         if t.kind != "checkpoint" and t.epochs:
@@ -60,7 +60,8 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
         f"{m.val_size} validation (held out of training), {m.test_size} test; {m.in_channels}x{m.image_size}x"
         f"{m.image_size}, {m.num_classes} classes, mean {stats}",
         f"  ray      {res.cpus} CPUs, {res.gpus} GPUs ({'GPU' if res.use_gpu else 'CPU'} training)",
-        f"  search   C={s.supernet.C} × {s.supernet.cells} cells, S0={s0:.2f}, dense {params:,} params, "
+        f"  search   {'/'.join(cfg.sweep.strategy or [s.strategy])}: C={s.supernet.C} × {s.supernet.cells} cells, "
+        f"S0={s0:.2f}, dense {params:,} params, "
         f"{macs / 1e6:.2f} MMACs; {plan.config.epochs} epochs ({plan.config.warmup_epochs} warm-up) × "
         f"{plan.steps_per_epoch} steps = {plan.steps} steps{scaled}; {kd}; {len(points)} sweep point(s), {where} each",
         f"  retrain  C={r.C}, {r.epochs} epoch(s) = {r_steps} steps on {retrain_images(ctx)} images"

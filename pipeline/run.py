@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     try:
         ctx.prepare(args.fresh)
-        for note in pre.notes:
-            print(note)
-        return run_stages(ctx, pre.resuming, t0)
+        return run_stages(ctx, pre.resuming, t0, pre.notes)
     except InputError as e:
         return fail(e)
     except Exception as e:  # a stage failed: one line here, the traceback in the run folder
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
 
-def run_stages(ctx, resuming: bool, t0: float) -> int:
+def run_stages(ctx, resuming: bool, t0: float, notes: list[str] = ()) -> int:
     from pipeline.collect import run_collect
     from pipeline.describe import describe_run
     from pipeline.retrain import run_retrain
@@ -114,6 +112,8 @@ def run_stages(ctx, resuming: bool, t0: float) -> int:
     from pipeline.teacher import run_teacher
 
     print(describe_run(ctx, resuming))
+    for note in notes:  # what the checks capped or skipped
+        print(note)
     teacher_path = run_teacher(ctx)  # cached by config hash: a resumed run finds it
     if not ctx.stage_done("search"):
         failures = run_sweep(ctx, teacher_path)

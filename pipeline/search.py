@@ -1,4 +1,4 @@
-"""Stage b: one DNAD search as a Ray TorchTrainer running dnad's SearchLoop on every worker.
+"""Stage b: one search (any strategy of `dnad.search`) as a Ray TorchTrainer on every worker.
 
 Each worker loads its own copy of the data and takes its shard through `rank`/`world_size`;
 SearchLoop wraps itself in DDP when the process group (gloo on CPU, NCCL on GPU) has > 1 member.
@@ -27,7 +27,7 @@ def search_worker(config: dict[str, Any]) -> None:
     from dnad.config import DataConfig, SearchConfig
     from dnad.data import load_dataset
     from dnad.distill import load_teacher
-    from dnad.search import SearchLoop
+    from dnad.search import make_search, uses_teacher
     from pipeline.faults import install_search_faults
     from pipeline.progress import append_jsonl, read_jsonl, rewind_jsonl
     from pipeline.raytools import read_checkpoint, report, worker_setup
@@ -40,7 +40,7 @@ def search_worker(config: dict[str, Any]) -> None:
     scfg = SearchConfig.model_validate(config["search"])
     data = load_dataset(dcfg)
     teacher, teacher_acc = None, None
-    if scfg.distill.enabled and config["teacher_path"]:
+    if uses_teacher(scfg) and config["teacher_path"]:
         if not Path(config["teacher_path"]).is_dir():
             raise FileNotFoundError(
                 f"teacher {config['teacher_path']} is not on this node; put teacher.cache_dir on shared storage"
@@ -58,8 +58,8 @@ def search_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             append_jsonl(metrics_path, {"trial_id": trial_id, **{k: m[k] for k in METRIC_KEYS}})
 
-    loop = SearchLoop(scfg, data, teacher, device, log, rank=rank, world_size=world, augment=dcfg.augment,
-                      teacher_val_acc=teacher_acc)  # fmt: skip
+    loop = make_search(scfg, data, teacher=teacher, device=device, callback=log, rank=rank, world_size=world,
+                       augment=dcfg.augment, teacher_val_acc=teacher_acc)  # fmt: skip
     state = read_checkpoint(ray.train.get_checkpoint())
     if state is not None:
         loop.load_state_dict(state)
@@ -70,7 +70,7 @@ def search_worker(config: dict[str, Any]) -> None:
     install_search_faults(loop, trial_id)  # test hook; nothing unless DNAD_FAULTS is set
     written = len(read_jsonl(notes_path)) if rank == 0 else 0
 
-    def on_epoch_end(lp: SearchLoop) -> None:
+    def on_epoch_end(lp: Any) -> None:
         nonlocal written
         if rank == 0:  # what the search decided itself (a weak teacher dropped): shown by the console
             for i in range(written, len(lp.notes)):

@@ -16,7 +16,7 @@ from typing import Any
 
 from dnad.budget import plan_retrain, steps_per_epoch
 from dnad.config import RetrainConfig
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, needs_teacher
 from pipeline.context import RunContext, thread_count
 from pipeline.progress import (
     EPOCH_SCALE,
@@ -178,8 +178,8 @@ def _untrained(ctx: RunContext, dest: Path) -> None:
 def run_teacher(ctx: RunContext) -> str | None:
     """Path of the teacher checkpoint folder for the search workers (None when distillation is off)."""
     d = ctx.cfg.search.distill
-    if not d.enabled:
-        print("[teacher] skipped: distillation is off")
+    if not needs_teacher(ctx.cfg):
+        print("[teacher] skipped: no search distils (distillation off, or a strategy without a teacher)")
         return None
     if d.teacher.kind == "checkpoint":
         path = str(Path(d.teacher.checkpoint).resolve())

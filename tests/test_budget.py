@@ -42,7 +42,7 @@ def test_a_small_dataset_gets_more_epochs_and_rescaled_shrink_constants():
     )
     # over the run, the pressure grows by the same factor when shrinking stalls throughout
     assert c.shrink.phi ** ((15 - 3) * 20) == pytest.approx(sh.phi**248)
-    assert retrain_plan(cfg, 1293).epochs == math.ceil(250 / 20)
+    assert retrain_plan(cfg, 1293).epochs == math.ceil(cfg.retrain.min_steps / 20) == 8
 
 
 def test_a_large_dataset_keeps_its_epochs_and_stretches_the_schedule():

@@ -16,7 +16,7 @@ from dnad.fastops import IMPLS, DepthwiseConv2d
 from dnad.network import build_model
 from dnad.presets import tiny_data, tiny_retrain, tiny_search
 from dnad.retrain import RetrainLoop
-from dnad.search import SearchLoop
+from dnad.strategies.snps import SearchLoop
 from dnad.supernet import SuperNet
 
 pytestmark = [

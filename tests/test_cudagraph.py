@@ -14,7 +14,7 @@ from dnad.genotype import Genotype
 from dnad.network import build_model
 from dnad.presets import tiny_data, tiny_retrain, tiny_search
 from dnad.retrain import GRAPH_WARMUP_STEPS, RetrainLoop
-from dnad.search import SearchLoop
+from dnad.strategies.snps import SearchLoop
 
 
 def _net() -> nn.Module:

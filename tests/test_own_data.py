@@ -17,7 +17,12 @@ from dnad.data import load_dataset
 from dnad.imagefolder import write_split
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT = ["search.epochs=2", "search.min_steps=40", "search.distill.teacher.min_steps=30", "retrain.min_steps=30"]
+SHORT = [
+    "search.epochs=2",
+    "search.min_steps=40",
+    "search.distill.teacher.min_steps=30",
+    "retrain.min_steps=30",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,7 @@ def test_the_default_profile_on_a_folder_of_real_images(png_folder, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout
     # the profile's subsets were capped to what the folder has, and said so
-    assert "note: data.train_subset=4000 (profile) capped to 2250" in log
+    assert "note: data.train_subset=4000 (profile) capped to 2250, all of the train split once 250" in log
     assert "data     imagefolder" in log and "1x28x28, 10 classes" in log
     cfg = yaml.safe_load((out / "config.yaml").read_text())["data"]
     assert (cfg["channels"], cfg["image_size"], cfg["num_classes"]) == (1, 28, 10)  # from the data
