@@ -1,6 +1,6 @@
 """Image-folder input speed: decoded + augmented images per second, against what the search consumes.
 
-    python benchmarks/data_speed.py [--images 512] [--batch 64] [--side 224] [--folder DIR]
+    python benchmarks/data_speed.py [--images 1024] [--batch 64] [--side 224] [--folder DIR]
 
 Writes (or reuses) a folder of JPEGs whose shorter side is 1.14 × --side (what a 224-px ImageNet-style
 view is cropped from), then times `dnad.data.BatchIterator` on it in training mode (random resized
@@ -40,7 +40,7 @@ def write_jpegs(root: Path, n: int, side: int, classes: int = 4) -> None:
         base = torch.rand(3, h // 16 + 1, w // 16 + 1, generator=g)
         img = torch.nn.functional.interpolate(base[None], size=(h, w), mode="bicubic", align_corners=False)[0]
         img = (img + 0.08 * torch.randn(3, h, w, generator=g)).clamp(0, 1).mul(255).byte()
-        split = "val" if i % 8 == 7 else "train"
+        split = "val" if (i // classes) % 8 == 7 else "train"
         d = root / split / f"c{i % classes}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:05d}.jpg", quality=90)
@@ -104,7 +104,7 @@ def search_step(batch: int, threads: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--side", type=int, default=224)
     ap.add_argument("--batches", type=int, default=6)

@@ -25,11 +25,14 @@ ARCH_SCHEMA: dict[str, str] = {
     "latency_device": "string", "wall_s": "float64", "status": "string", "error": "string",
     "is_pareto_macs": "bool", "is_pareto_params": "bool", "is_pareto_latency": "bool",
     "ptflops_version": "string", "ptflops_backend": "string", "model_dir": "string",
+    "repeats": "int64", "val_acc_mean": "float64", "val_acc_sd": "float64", "test_acc_mean": "float64",
+    "test_acc_sd": "float64", "search_val_acc": "float64", "emitted_at": "float64",
+    "search_finished_at": "float64", "retrain_started_at": "float64", "retrain_finished_at": "float64",
 }  # fmt: skip
 LATENCY_COLUMNS = ("latency_ms_torch", "latency_ms_onnx", "latency_batch", "latency_ms_torch_batch",
                    "latency_ms_onnx_batch", "latency_threads", "latency_device")  # fmt: skip
-RETRAIN_COLUMNS = ("arch_id", "retrain_epochs", "val_acc", "val_error", "test_acc", "test_error", "wall_s",
-                   "status", "error")  # fmt: skip
+RETRAIN_COLUMNS = ("arch_id", "repeat", "retrain_epochs", "val_acc", "val_error", "test_acc", "test_error",
+                   "wall_s", "status", "error", "retrain_started_at", "retrain_finished_at")  # fmt: skip
 EXTRA_COLUMNS: dict[str, str] = {"sources": "string"}  # every trial#emission that produced the arch
 METRICS_SCHEMA: dict[str, str] = {
     "trial_id": "string", "step": "int64", "epoch": "int64", "loss": "float64", "ce": "float64",
@@ -125,8 +128,10 @@ def architectures_table(
     collected: pd.DataFrame, retrained: pd.DataFrame, cards: dict[str, dict[str, Any]] | None = None
 ) -> pd.DataFrame:
     """Collected architectures joined with their retrain results and the latency of their model cards
-    (`read_cards`), Pareto flags added."""
-    merged = collected.merge(retrained, on="arch_id", how="left")
+    (`read_cards`), Pareto flags added. `retrained` may hold several repeats per architecture (column
+    `repeat`): the row of repeat 0 (the model in models/) is the architecture's, with the mean and
+    standard deviation over the finished repeats beside it."""
+    merged = collected.merge(per_architecture(retrained), on="arch_id", how="left")
     if cards:
         rows = [{"arch_id": a, **card_columns(c)} for a, c in cards.items()]
         merged = merged.merge(pd.DataFrame(rows), on="arch_id", how="left")
@@ -139,6 +144,28 @@ def architectures_table(
     return conform(out[[c for c in keep if c in out]], ARCH_SCHEMA | EXTRA_COLUMNS)
 
 
+def per_architecture(retrained: pd.DataFrame) -> pd.DataFrame:
+    """One row per arch id from per-(arch, repeat) retrain rows: repeat 0's values, the repeats'
+    mean/sd of validation and test accuracy, their first start and (all finished) last end."""
+    if retrained.empty:
+        return pd.DataFrame(columns=[c for c in RETRAIN_COLUMNS if c != "repeat"])
+    r = retrained if "repeat" in retrained else retrained.assign(repeat=0)
+    first = r[r["repeat"] == 0].drop(columns=["repeat"]).drop_duplicates("arch_id", keep="last")
+    ok = r[r["status"] == "ok"]
+    g = ok.groupby("arch_id")
+    stats = pd.DataFrame({
+        "repeats": g.size(), "val_acc_mean": g["val_acc"].mean(), "val_acc_sd": g["val_acc"].std(),
+        "test_acc_mean": g["test_acc"].mean(), "test_acc_sd": g["test_acc"].std(),
+    }).reset_index()  # fmt: skip
+    times = r.groupby("arch_id").agg(
+        started=("retrain_started_at", "min"), finished=("retrain_finished_at", "max")
+    )
+    out = first.drop(columns=[c for c in ("retrain_started_at", "retrain_finished_at") if c in first])
+    out = out.merge(times.reset_index().rename(columns={"started": "retrain_started_at",
+                                                        "finished": "retrain_finished_at"}), on="arch_id", how="left")  # fmt: skip
+    return out.merge(stats, on="arch_id", how="left").assign(repeats=lambda d: d["repeats"].fillna(0))
+
+
 def metrics_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Search metric rows; a step logged twice (re-run after a resume) keeps its last row."""
     df = pd.DataFrame(rows, columns=list(METRICS_SCHEMA))
@@ -147,9 +174,13 @@ def metrics_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write_results(out: Path, archs: pd.DataFrame, metrics: pd.DataFrame) -> None:
-    archs.to_csv(out / "architectures.csv", index=False)
-    archs.to_parquet(out / "architectures.parquet", index=False)
-    metrics.to_parquet(out / "search_metrics.parquet", index=False)
+    """architectures.csv/.parquet and search_metrics.parquet, each replaced atomically (a run rewrites
+    them while it goes on, and a reader must never see half a file)."""
+    from dnad.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(out / "architectures.csv", archs.to_csv(index=False).encode())
+    atomic_write_bytes(out / "architectures.parquet", archs.to_parquet(index=False))
+    atomic_write_bytes(out / "search_metrics.parquet", metrics.to_parquet(index=False))
 
 
 def load_run(output_dir: str | Path) -> RunResults:
@@ -225,53 +256,65 @@ def _tolerant_metrics(rows: list[dict[str, Any]]) -> pd.DataFrame:
         return conform(df.reset_index(drop=True), nullable)
 
 
-def partial_retrain_results(output_dir: str | Path, arch_ids: list[str], epochs: int | None) -> pd.DataFrame:
-    """Retrain results read from `retrain/<arch_id>.jsonl` while the retrain stage runs.
+def _trial_key(arch_id: str, repeat: int) -> str:
+    return arch_id if repeat == 0 else f"{arch_id}-r{repeat}"
 
-    An architecture whose history reaches `epochs` is "ok"; one with a shorter history is "running"
-    (its test accuracy is the last epoch's); one without history is "pending".
-    """
-    rows = []
+
+def retrain_results(
+    output_dir: str | Path, arch_ids: list[str], repeats: int = 1, epochs: int | None = None
+) -> pd.DataFrame:
+    """One row per (arch, repeat) of a run, finished or not: a trial's `retrain/<key>.result.json`
+    when it has one ("ok" or "failed"), else its per-epoch `retrain/<key>.jsonl` ("running": the last
+    epoch's accuracies; an older run folder's history that reached `epochs` counts as "ok"), else
+    "pending". `<key>` is the arch id, `-r<k>` for repeat k."""
+    out, rows = Path(output_dir), []
     for arch_id in arch_ids:
-        hist = [
-            r
-            for r in read_jsonl_rows(Path(output_dir) / "retrain" / f"{arch_id}.jsonl")
-            if "epoch" in r and "test_acc" in r
-        ]
-        if not hist:
-            rows.append({"arch_id": arch_id, "retrain_epochs": 0, "val_acc": np.nan, "val_error": np.nan,
-                         "test_acc": np.nan, "test_error": np.nan, "wall_s": 0.0, "status": "pending",
-                         "error": "not retrained yet"})  # fmt: skip
-            continue
-        by_epoch = {int(r["epoch"]): r for r in hist}  # a resumed trial may log an epoch twice
-        last = by_epoch[max(by_epoch)]
-        planned = last.get("planned_epochs", epochs)  # the trial's own count (small data: more epochs)
-        done = planned is not None and int(last["epoch"]) >= int(planned)
-        val, acc = float(last.get("val_acc", np.nan)), float(last["test_acc"])
-        rows.append({
-            "arch_id": arch_id, "retrain_epochs": int(last["epoch"]), "val_acc": val, "val_error": 1.0 - val,
-            "test_acc": acc, "test_error": 1.0 - acc,
-            "wall_s": float(sum(float(r.get("epoch_s", 0.0)) for r in by_epoch.values())),
-            "status": "ok" if done else "running", "error": "" if done else f"epoch {last['epoch']}/{planned or '?'}",
-        })  # fmt: skip
+        for k in range(repeats):
+            key = _trial_key(arch_id, k)
+            row: dict[str, Any] = {"arch_id": arch_id, "repeat": k}
+            try:
+                row |= json.loads((out / "retrain" / f"{key}.result.json").read_text())
+                rows.append(row)
+                continue
+            except (OSError, ValueError):
+                pass
+            hist = [
+                r
+                for r in read_jsonl_rows(out / "retrain" / f"{key}.jsonl")
+                if "epoch" in r and "test_acc" in r
+            ]
+            started = read_jsonl_rows(out / "retrain" / f"{key}.started")
+            if started:
+                row["retrain_started_at"] = started[0].get("started_at")
+            if not hist:
+                rows.append(
+                    row
+                    | {"retrain_epochs": 0, "wall_s": 0.0, "status": "pending", "error": "not retrained yet"}
+                )
+                continue
+            by_epoch = {int(r["epoch"]): r for r in hist}  # a resumed trial may log an epoch twice
+            last = by_epoch[max(by_epoch)]
+            planned = last.get("planned_epochs", epochs)  # the trial's own count (small data: more epochs)
+            done = planned is not None and int(last["epoch"]) >= int(planned) and "planned_epochs" not in last
+            val, acc = float(last.get("val_acc", np.nan)), float(last["test_acc"])
+            rows.append(row | {
+                "retrain_epochs": int(last["epoch"]), "val_acc": val, "val_error": 1.0 - val, "test_acc": acc,
+                "test_error": 1.0 - acc, "wall_s": float(sum(float(r.get("epoch_s", 0.0)) for r in by_epoch.values())),
+                "status": "ok" if done else "running", "error": "" if done else f"epoch {last['epoch']}/{planned or '?'}",
+            })  # fmt: skip
     return pd.DataFrame(rows, columns=list(RETRAIN_COLUMNS))
 
 
 def rebuild_architectures(output_dir: str | Path, config: dict[str, Any] | None = None) -> pd.DataFrame:
-    """The architectures table of a run from its parts: `collected.parquet`, the retrain results
-    (`retrained.parquet`, or the per-epoch `retrain/*.jsonl` of a retrain stage still running) and the
-    model cards (latency). What `pipeline/profile.py` rewrites after re-timing the models."""
+    """The architectures table of a run from its parts, finished or still running: `collected.parquet`,
+    the retrain results (`retrain_results`) and the model cards (latency). What the pipeline writes
+    after every finished trial and `pipeline/profile.py` after re-timing the models."""
     out = Path(output_dir)
     collected = pd.read_parquet(out / "collected.parquet")
-    if (out / "retrained.parquet").is_file():
-        retrained = pd.read_parquet(out / "retrained.parquet")
-    else:
-        if config is None:
-            config = (
-                yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
-            )
-        epochs = ((config or {}).get("retrain") or {}).get("epochs")
-        retrained = partial_retrain_results(out, list(collected["arch_id"]), epochs)
+    if config is None:
+        config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+    r = (config or {}).get("retrain") or {}
+    retrained = retrain_results(out, list(collected["arch_id"]), int(r.get("repeats", 1)), r.get("epochs"))
     return architectures_table(collected, retrained, read_cards(out))
 
 

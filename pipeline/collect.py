@@ -11,6 +11,7 @@ import json
 
 import pandas as pd
 
+from dnad.checkpoint import atomic_write_bytes
 from dnad.search import uses_teacher
 from pipeline.config import SWEEP_KEYS, sweep_points, swept_value, trial_search_config
 from pipeline.context import RunContext
@@ -18,23 +19,39 @@ from pipeline.context import RunContext
 EMISSION_COLUMNS = ("emission_index", "step", "epoch", "S", "alive_pairs")
 
 
+def _emission_rows(ctx: RunContext, tid: str) -> list[dict]:
+    """A search's emissions: as published while it ran (with `emitted_at`), completed by its final list."""
+    from pipeline.progress import read_jsonl
+
+    folder = ctx.out / "search" / tid
+    rows = {int(e["index"]): e for e in read_jsonl(folder / "emissions.jsonl")}
+    final = folder / "emissions.json"
+    if final.is_file():
+        for e in json.loads(final.read_text()):
+            rows.setdefault(int(e["index"]), e)
+    return [rows[k] for k in sorted(rows)]
+
+
 def gather_emissions(ctx: RunContext) -> pd.DataFrame:
-    """One row per emission of every finished search, with the trial's swept values."""
+    """One row per emission so far of every search, with the trial's swept values and timing."""
+    from pipeline.stream import search_result
+
     rows = []
     for point in sweep_points(ctx.cfg):
         tid = point["trial_id"]
-        f = ctx.out / "search" / tid / "emissions.json"
-        if not f.is_file():
-            continue  # that search failed
         s = trial_search_config(ctx.cfg, point)
         swept = {k: swept_value(s, k) for k in SWEEP_KEYS}
         if not uses_teacher(s):
             swept["temperature"] = float("nan")  # no KD, no temperature
-        for e in json.loads(f.read_text()):
+        ended = search_result(ctx.out, tid) or {}
+        for e in _emission_rows(ctx, tid):
             rows.append({
-                "trial_id": tid, **swept, "emission_index": e["index"], "step": e["step"], "epoch": e["epoch"],
+                "trial_id": tid, **swept, "search_seed": s.seed, "emission_index": e["index"], "step": e["step"],
+                "epoch": e["epoch"],
                 "S": e["S"], "gamma": e["gamma"], "mu": e["mu"], "alive_pairs": e["alive_pairs"],
                 "search_params": e["params"], "search_macs": e["macs"], "final": e["final"],
+                "search_val_acc": e.get("val_acc", float("nan")), "emitted_at": e.get("emitted_at", float("nan")),
+                "search_finished_at": ended.get("finished_at", float("nan")),
                 "arch_id": e["arch_id"], "genotype": e["genotype"],
             })  # fmt: skip
     return pd.DataFrame(rows)
@@ -50,16 +67,21 @@ def dedupe(emissions: pd.DataFrame) -> pd.DataFrame:
     return first.assign(sources=first["arch_id"].map(sources))
 
 
-def add_complexity(ctx: RunContext, archs: pd.DataFrame) -> pd.DataFrame:
-    """params / MACs (ptflops) of each architecture's retrain network."""
+def add_complexity(ctx: RunContext, archs: pd.DataFrame, known: pd.DataFrame | None = None) -> pd.DataFrame:
+    """params / MACs (ptflops) of each architecture's retrain network (`known`: rows counted before)."""
     from dnad.complexity import count_complexity
     from dnad.genotype import Genotype
     from dnad.network import build_model
 
     m = ctx.data_meta
     assert m is not None
+    cache = {} if known is None or known.empty else known.set_index("arch_id")
     cols: dict[str, list] = {"params": [], "macs": [], "ptflops_backend": [], "ptflops_version": []}
-    for text in archs["genotype"]:
+    for arch_id, text in zip(archs["arch_id"], archs["genotype"]):
+        if arch_id in getattr(cache, "index", ()):
+            for k in cols:
+                cols[k].append(cache.loc[arch_id, k])
+            continue
         model = build_model(
             Genotype.from_json(text), ctx.cfg.retrain.C, m.num_classes, m.in_channels, m.image_size
         )
@@ -70,19 +92,26 @@ def add_complexity(ctx: RunContext, archs: pd.DataFrame) -> pd.DataFrame:
     return archs.assign(**cols)
 
 
-def run_collect(ctx: RunContext) -> pd.DataFrame:
-    """Collected architectures (also saved as `collected.parquet` and `genotypes/<arch_id>.json`)."""
+def run_collect(ctx: RunContext, final: bool = True) -> pd.DataFrame:
+    """The distinct architectures emitted so far (also `collected.parquet`, `genotypes/<arch_id>.json`,
+    `emissions.csv`); counted once each. `final`: every search has ended (the stage is marked done)."""
     from dnad.genotype import Genotype
 
     path = ctx.out / "collected.parquet"
     if ctx.stage_done("collect") and path.is_file():
         return pd.read_parquet(path)
+    known = pd.read_parquet(path) if path.is_file() else None
     emissions = gather_emissions(ctx)
-    archs = add_complexity(ctx, dedupe(emissions))
+    if emissions.empty:  # nothing emitted yet (or every search failed before emitting)
+        return pd.DataFrame(columns=["arch_id", "trial_id", "genotype", "sources", "params", "macs"])
+    archs = add_complexity(ctx, dedupe(emissions), known)
     (ctx.out / "genotypes").mkdir(exist_ok=True)
     for arch_id, text in zip(archs["arch_id"], archs["genotype"]):
-        Genotype.from_json(text).save(ctx.out / "genotypes" / f"{arch_id}.json")
-    emissions.to_csv(ctx.out / "emissions.csv", index=False)
-    archs.to_parquet(path, index=False)
-    ctx.mark_done("collect", {"emissions": len(emissions), "architectures": len(archs)})
+        f = ctx.out / "genotypes" / f"{arch_id}.json"
+        if not f.is_file():
+            Genotype.from_json(text).save(f)
+    atomic_write_bytes(ctx.out / "emissions.csv", emissions.to_csv(index=False).encode())
+    atomic_write_bytes(path, archs.to_parquet(index=False))
+    if final:
+        ctx.mark_done("collect", {"emissions": len(emissions), "architectures": len(archs)})
     return archs

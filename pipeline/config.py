@@ -97,6 +97,33 @@ class RetrainDataConfig(Strict):
     augment: bool | None = Field(None, description="crop + flip while retraining; None = data.augment")
 
 
+class RetrainStage(RetrainConfig):
+    """The retrain recipe (`dnad.config.RetrainConfig`) plus when and how often the pipeline runs it."""
+
+    start: Literal["at_emission", "after_search"] = Field(
+        "at_emission",
+        description="at_emission: an architecture's retraining is queued as soon as a search "
+        "emits it and starts when the cluster has room, while the searches go on; after_search: when every "
+        "search has finished (the staged order)",
+    )
+    stream: Literal["all", "front"] = Field(
+        "all",
+        description="all: every emission streams; front: only those non-dominated in (estimated "
+        "MACs, the super-network's running validation accuracy) among the emissions so far",
+    )
+    rest: Literal["after_search", "none"] = Field(
+        "after_search",
+        description="stream=front: the other emissions are retrained when their search has "
+        "finished (after_search) or not at all (none)",
+    )
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="retrainings per architecture, seeds retrain.seed + k (k = 0 is the model in "
+        "models/; the table adds the mean and spread over repeats)",
+    )
+
+
 class RunConfig(Strict):
     """Everything one `pipeline/run.py` invocation does; saved as OUTPUT/config.yaml."""
 
@@ -105,7 +132,7 @@ class RunConfig(Strict):
     output: str | None = None
     data: DataConfig = DataConfig()
     search: SearchConfig = SearchConfig()
-    retrain: RetrainConfig = RetrainConfig()
+    retrain: RetrainStage = RetrainStage()
     retrain_data: RetrainDataConfig = RetrainDataConfig()
     teacher: TeacherRunConfig = TeacherRunConfig()
     deploy: DeployConfig = DeployConfig()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from dnad.budget import steps_per_epoch
-from dnad.results import architectures_table, metrics_table, read_cards, summary_table, write_results
+from dnad.results import metrics_table, summary_table, write_results
 from pipeline.config import initial_sparsity, needs_teacher, retrain_plan, search_plan, sweep_points
 from pipeline.context import RunContext
 from pipeline.progress import read_jsonl
@@ -70,19 +70,17 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
     ])  # fmt: skip
 
 
-def write_all(ctx: RunContext, archs: pd.DataFrame, retrained: pd.DataFrame) -> str:
-    """Write architectures.csv/.parquet and search_metrics.parquet, run the report; the summary table."""
-    return publish(ctx.out, architectures_table(archs, retrained, read_cards(ctx.out)))
-
-
-def publish(out: Path, table: pd.DataFrame) -> str:
-    """Write a run's results (`table` + the search metrics) and its report; returns the summary table."""
+def publish(out: Path, table: pd.DataFrame, quiet: bool = False) -> str:
+    """Write a run's results (`table` + the search metrics) and its report, atomically (a reader sees
+    the old files or the new ones); returns the summary table."""
     rows = [row for f in sorted((out / "search").glob("*/metrics.jsonl")) for row in read_jsonl(f)]
     write_results(out, table, metrics_table(rows))
     from dnad.report import write_report
 
     try:
-        print(f"[report] {write_report(out)}")
+        path = write_report(out)
+        if not quiet:
+            print(f"[report] {path}")
     except Exception as e:  # the results are written; a broken report must not fail the run
         print(f"[report] failed: {type(e).__name__}: {e}")
     return summary_table(table)

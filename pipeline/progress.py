@@ -31,7 +31,7 @@ class Progress:
         self,
         stage: str,
         total: int,
-        folder: Path,
+        folder: Path | list[Path],
         units: Callable[[Row], tuple[str, int]],
         describe: Callable[[Row], str] = lambda r: "",
         stream: TextIO | None = None,
@@ -39,7 +39,8 @@ class Progress:
         scale: int = 1,
     ):
         """`scale` > 1: units count 1/scale of a displayed unit (e.g. thousandths of an epoch)."""
-        self.stage, self.total, self.folder = stage, max(total, 1), Path(folder)
+        self.stage, self.total = stage, max(total, 1)
+        self.folders = [Path(f) for f in (folder if isinstance(folder, list | tuple) else [folder])]
         self.scale = max(1, scale)
         self.units, self.describe = units, describe
         self.stream = stream or sys.stdout
@@ -97,8 +98,18 @@ class Progress:
             except Exception:  # never let the display kill the run
                 pass
 
+    def files(self) -> list[Path]:
+        return [f for d in self.folders if d.is_dir() for f in sorted(d.rglob("*.jsonl"))]
+
+    def event(self, row: Row) -> str | None:
+        """A line to show at once for a row (a stage's own decision); None for ordinary rows."""
+        if "note" in row:
+            who = f"{row['trial_id']}: " if "trial_id" in row else ""
+            return f"[{self.stage}] {who}{row['note']}"
+        return None
+
     def poll(self) -> None:
-        for f in sorted(self.folder.rglob("*.jsonl")) if self.folder.is_dir() else []:
+        for f in self.files():
             pos = self.offsets.get(f, 0)
             if f.stat().st_size < pos:  # rewound by a resumed worker (`rewind_jsonl`): read it again
                 pos = 0
@@ -112,9 +123,10 @@ class Progress:
                     row = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(row, dict) and "note" in row:  # a decision of the stage: shown as it comes
-                    who = f"{row['trial_id']}: " if "trial_id" in row else ""
-                    self._notes.append(f"[{self.stage}] {who}{row['note']}")
+                said = self.event(row) if isinstance(row, dict) else None
+                if said is not None:  # a decision or an event of the stage: shown as it comes
+                    if said:
+                        self._notes.append(said)
                     continue
                 try:
                     key, n = self.units(row)
@@ -154,6 +166,128 @@ class Progress:
 
 
 EPOCH_SCALE = 1000
+
+
+class Board(Progress):
+    """The searches and the retraining trials of `pipeline.stream` on one line, with one ETA; as they
+    happen: each emission, each search's end and each trial's result, on lines of their own."""
+
+    def __init__(
+        self,
+        out: Path,
+        search_steps: int,
+        epochs_per_trial: int,
+        known_trials: Callable[[], int],
+        searches: list[str],
+        stream: TextIO | None = None,
+        interval: float = 1.0,
+    ):
+        out = Path(out)
+        super().__init__(
+            "run", 1, [out / "search", out / "retrain"], self._units, describe_any, stream, interval
+        )
+        self.out, self.search_steps, self.epochs_per_trial = (
+            out,
+            max(search_steps, 1),
+            max(epochs_per_trial, 1),
+        )
+        self.known_trials, self.searches = known_trials, searches
+        self.seen_results: set[Path] = set()
+        self.emitted = 0
+        self.archs: set[str] = set()
+        self.first: dict[str, int] | None = None  # work restored from an earlier run: not in the rates
+
+    @staticmethod
+    def _units(r: Row) -> tuple[str, int]:
+        if "loss" in r and "step" in r:  # a search's metrics row
+            return f"s:{r['trial_id']}", int(r["step"])
+        if "arch_id" in r and ("epoch" in r or "progress" in r):  # a retraining trial's row
+            key = f"r:{r['arch_id']}:{r.get('repeat', 0)}"
+            return key, int(EPOCH_SCALE * float(r["progress"])) if "progress" in r else EPOCH_SCALE * int(
+                r["epoch"]
+            )
+        raise KeyError("not a progress row")
+
+    def event(self, row: Row) -> str | None:
+        if "genotype" in row and "index" in row:  # an emission, published as it happened
+            self.emitted += 1
+            if row["arch_id"] in self.archs:
+                return ""  # the same architecture again: nothing new to say
+            self.archs.add(row["arch_id"])
+            what = f"{row['alive_pairs']} pairs, {float(row['macs']) / 1e6:.2f} MMACs at search width"
+            return f"[search] {row['trial_id']} emitted {row['arch_id']} ({what})"
+        if "note" in row:
+            return f"[search] {row.get('trial_id', '')}: {row['note']}"
+        return super().event(row)
+
+    def poll(self) -> None:
+        super().poll()
+        for f in sorted(self.out.glob("search/*/result.json")) + sorted(
+            self.out.glob("retrain/*.result.json")
+        ):
+            if f in self.seen_results:
+                continue
+            self.seen_results.add(f)
+            try:
+                r = json.loads(f.read_text())
+            except (OSError, ValueError):
+                self.seen_results.discard(f)
+                continue
+            if f.name == "result.json":
+                tid = f.parent.name
+                self._notes.append(
+                    f"[search] {tid} failed: {r['error']}" if r.get("error") else f"[search] {tid} finished"
+                )
+            elif r.get("status") == "ok":
+                key = f.name.removesuffix(".result.json")
+                self._notes.append(f"[retrain] {key} finished: val acc {100 * r['val_acc']:.2f}%, test acc "
+                                   f"{100 * r['test_acc']:.2f}% ({fmt_duration(r.get('wall_s', 0))})")  # fmt: skip
+            else:
+                self._notes.append(
+                    f"[retrain] {f.name.removesuffix('.result.json')} failed: {r.get('error')}"
+                )
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        s_done = {k: v for k, v in self.done.items() if k.startswith("s:")}
+        r_done = {k: v for k, v in self.done.items() if k.startswith("r:")}
+        if self.first is None:
+            self.first = dict(self.done)
+        restored_s = sum(v for k, v in self.first.items() if k.startswith("s:"))
+        restored_r = sum(v for k, v in self.first.items() if k.startswith("r:"))
+        ended = sum((self.out / "search" / t / "result.json").is_file() for t in self.searches)
+        searching = ended < len(self.searches)
+        steps = min(sum(s_done.values()), self.search_steps)
+        new_steps = steps - restored_s
+        s_left = (
+            0.0
+            if not searching
+            else (self.search_steps - steps) * elapsed / new_steps
+            if new_steps > 0
+            else None
+        )
+        results = [f for f in self.seen_results if f.name != "result.json"]
+        total = self.known_trials() * self.epochs_per_trial * EPOCH_SCALE
+        r_units = min(sum(r_done.values()), total) if total else 0
+        r_new = r_units - restored_r
+        r_left = (total - r_units) * elapsed / r_new if r_new > 0 else (None if total > r_units else 0.0)
+        running = sum(1 for k, v in r_done.items() if v > 0) - len(results)
+        left = None if s_left is None or r_left is None else max(s_left, r_left)
+        eta = "?" if left is None else fmt_duration(left) + ("+" if searching else "")
+        search = f"search {steps}/{self.search_steps} steps ({ended}/{len(self.searches)} ended)"
+        retrain = (f"retrain {r_units / EPOCH_SCALE:.1f}/{total / EPOCH_SCALE:g} epochs "
+                   f"({max(running, 0)} running, {len(results)} done)")  # fmt: skip
+        extra = self.describe(self.last) if self.last else ""
+        return f"[run] {search} · {retrain} · {fmt_duration(elapsed)} elapsed, ETA {eta}  {extra}"
+
+
+def describe_any(r: Row) -> str:
+    """The last row of the run, whichever kind: a search's or a retraining trial's."""
+    if "loss" in r:
+        return (f"{r['trial_id']} epoch {r['epoch']} S={r['S']:.1f} pairs={r['alive_pairs']} "
+                f"loss={r['loss']:.3f} {r['img_per_s']:.0f} img/s")  # fmt: skip
+    key = r["arch_id"] + (f"-r{r['repeat']}" if r.get("repeat") else "")
+    return f"{key} {describe_epoch_row(r)}"
 
 
 def epoch_units(key: Callable[[Row], str]) -> Callable[[Row], tuple[str, int]]:

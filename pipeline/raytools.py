@@ -208,45 +208,6 @@ def torch_trainer(
     )
 
 
-def fit_tuner(
-    trainable, param_space: dict, *, name: str, storage: str, max_concurrent: int, max_failures: int
-):
-    """Run a Tune experiment, or restore it (finished trials are kept, unfinished ones resume from
-    their last checkpoint, errored ones are retried) when it already exists in storage."""
-    from ray import tune
-
-    path = f"{storage.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent,
-                reuse_actors=False,
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            ),
-        )
-    return tuner.fit()
-
-
-def _trial_name(trial) -> str:
-    """Trials are named after what they run: `t03` (sweep point) or the architecture id."""
-    c = trial.config
-    return str(
-        c["point"]["trial_id"] if "point" in c else c["arch"]["arch_id"] if "arch" in c else trial.trial_id
-    )
-
-
 # -- worker side --------------------------------------------------------------------------------
 def worker_setup(threads: int, use_gpu: bool):
     """Torch threads and device of a Ray worker / trial."""

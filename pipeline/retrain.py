@@ -1,140 +1,127 @@
-"""Stage e: every collected architecture retrained from scratch as its own Tune trial.
+"""Retraining: every architecture the searches emit, retrained from scratch as its own Tune trial.
 
 A trial holds one GPU when the cluster has GPUs, else `ray.cpus_per_trial` CPUs (and as many torch
-threads). It checkpoints every epoch through `ray.tune.report`, so a retried or restored trial resumes
-from its last epoch (`ray.tune.get_checkpoint()`); `FailureConfig(max_failures)` retries it, and a
-trial that still fails is recorded as status "failed" with its error while the run goes on.
-The validation accuracy (held out of the training images) chooses; the final epoch's top-1 on the
-test split is reported beside it. A finished trial leaves `models/<arch_id>/` (`pipeline.models`).
+threads). Which architectures become trials, and when, is `pipeline.stream`'s business (a Tune
+`Searcher` fed by the searches' emissions); this module is one trial and its records:
+
+    retrain/<key>/checkpoint_*      the trial's own checkpoints (dnad.checkpoint), one per epoch: a
+                                    retried or resumed trial continues from the newest valid one
+    retrain/<key>.jsonl             per-epoch records (.progress.jsonl: within-epoch rows, display only)
+    retrain/<key>.result.json       written last: status, accuracies, timing (present = finished)
+    models/<arch_id>/               the model folder (repeat 0 only), written before the result
+
+`<key>` is the arch id, with `-r<k>` for repeat k (`retrain.repeats`, seed `retrain.seed + k`). The
+validation accuracy (held out of the training images) chooses; the final epoch's test accuracy is
+reported beside it. Checkpoints are the trial's own rather than Tune's, so whatever restarts a trial
+(Tune's FailureConfig, or the same command after the whole run was killed) finds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from dnad.results import RETRAIN_COLUMNS
+from dnad.checkpoint import atomic_write_text
 from pipeline.config import retrain_plan
 from pipeline.context import RunContext, thread_count
-from pipeline.progress import EPOCH_SCALE, Progress, describe_epoch_row, epoch_units, one_line
-from pipeline.teacher import retrain_images
+
+
+def trial_key(arch_id: str, repeat: int) -> str:
+    return arch_id if repeat == 0 else f"{arch_id}-r{repeat}"
+
+
+def result_path(out: Path, key: str) -> Path:
+    return Path(out) / "retrain" / f"{key}.result.json"
+
+
+def read_result(out: Path, key: str) -> dict[str, Any] | None:
+    f = result_path(out, key)
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_result(out: Path, key: str, row: dict[str, Any]) -> None:
+    atomic_write_text(result_path(out, key), json.dumps(row, default=float))
 
 
 def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
-    """Tune function trainable: retrain one genotype, then write its model folder (weights, card, ONNX)
-    and measure its latency on this machine before reporting it done."""
+    """Tune function trainable: retrain one genotype (resuming from its own checkpoints), write its model
+    folder (repeat 0: weights, card, ONNX, latency on this machine) and its result record."""
     import torch
     from ray import tune
 
+    from dnad.checkpoint import checkpoint_dir, load_latest, prune_checkpoints, save_checkpoint
     from dnad.data import load_dataset
     from dnad.genotype import Genotype
     from dnad.network import build_model
     from dnad.retrain import RetrainLoop
     from pipeline.faults import install_retrain_faults
     from pipeline.progress import append_jsonl, rewind_jsonl
-    from pipeline.raytools import read_checkpoint, report, worker_setup
+    from pipeline.raytools import worker_setup
 
     cfg, res = ctx.cfg, ctx.resources
     assert res is not None
-    arch_id = config["arch_id"]
+    arch_id, repeat = config["arch_id"], int(config.get("repeat", 0))
+    key = trial_key(arch_id, repeat)
+    folder = ctx.out / "retrain"
+    started = folder / f"{key}.started"
+    if not started.is_file():  # the first start of this trial (a retry or a resumed run keeps it)
+        atomic_write_text(started, json.dumps({"started_at": time.time()}))
     threads = thread_count(res.retrain_trial(cfg)["cpu"])
     device = worker_setup(threads, res.use_gpu)
     dcfg = cfg.retrain_data_config()
     data = load_dataset(dcfg)
     g = Genotype.from_json(config["genotype"])
     rc = retrain_plan(cfg, len(data.train))  # the epochs it really runs on this data (dnad.budget)
+    rc = rc.model_copy(update={"seed": rc.seed + repeat})
     torch.manual_seed(rc.seed)  # the initial weights: a retried or resumed trial builds the same network
     model = build_model(
         g, rc.C, data.num_classes, data.in_channels, data.image_size, auxiliary=rc.auxiliary_weight > 0
     )
-    history = ctx.out / "retrain" / f"{arch_id}.jsonl"
-    ticks = ctx.out / "retrain" / f"{arch_id}.progress.jsonl"  # within-epoch rows for the display only
-    loop = RetrainLoop(rc, model, data, device,
-                       lambda r: append_jsonl(history, {"arch_id": arch_id, "planned_epochs": rc.epochs, **r}),
+    history, ticks = folder / f"{key}.jsonl", folder / f"{key}.progress.jsonl"
+    tag = {"arch_id": arch_id, "repeat": repeat, "planned_epochs": rc.epochs}
+    loop = RetrainLoop(rc, model, data, device, lambda r: append_jsonl(history, {**tag, **r}),
                        augment=dcfg.augment, cutout=dcfg.cutout,
-                       progress=lambda r: append_jsonl(ticks, {"arch_id": arch_id, **r}))  # fmt: skip
-    state = read_checkpoint(tune.get_checkpoint())
-    if state is not None:
-        loop.load_state_dict(state)
+                       progress=lambda r: append_jsonl(ticks, {**tag, **r}))  # fmt: skip
+    found = load_latest(folder / key)
+    if found is not None:
+        loop.load_state_dict(found[1])
+    resumed_at = loop.epoch  # > 0: this attempt continued from the trial's own checkpoint
     rewind_jsonl(history, lambda r: int(r["epoch"]) <= loop.epoch)  # epochs past the checkpoint rerun
     install_retrain_faults(loop, arch_id)  # test hook; nothing unless DNAD_FAULTS is set
 
     def metrics(lp: RetrainLoop, done: bool = False) -> dict[str, Any]:
-        last = lp.history[-1]
-        return {
-            "arch_id": arch_id, "retrain_epochs": lp.epoch, "val_acc": last["val_acc"],
-            "test_acc": last["test_acc"], "wall_s": sum(h["epoch_s"] for h in lp.history), "done": done,
-        }  # fmt: skip
+        last = lp.history[-1] if lp.history else {}
+        return {"arch_id": arch_id, "repeat": repeat, "retrain_epochs": lp.epoch, "done": done,
+                "val_acc": last.get("val_acc", float("nan")), "test_acc": last.get("test_acc", float("nan"))}  # fmt: skip
 
-    # every epoch leaves a checkpoint; a trial restored from its final one only finishes the model folder
-    loop.run(lambda lp: report(metrics(lp), lp.state_dict(), f"checkpoint_{lp.epoch:06d}", tune=True))
-    from pipeline.models import write_model_folder
+    def on_epoch_end(lp: RetrainLoop) -> None:
+        save_checkpoint(checkpoint_dir(folder / key, lp.epoch), lp.state_dict())
+        prune_checkpoints(folder / key, keep=2)
+        tune.report(metrics(lp))
 
-    write_model_folder(ctx, loop, data, device, threads)
-    report(metrics(loop, done=True), None, "", tune=True)
+    loop.run(on_epoch_end)
+    if repeat == 0:
+        from pipeline.models import write_model_folder
 
-
-def retrain_entry(config: dict[str, Any], ctx: RunContext, fn: Callable[..., None]) -> None:
-    """The Tune trainable: `fn` (normally `retrain_trial`) on the trial's architecture."""
-    fn(config["arch"], ctx)
-
-
-def _row(arch_id: str, result: Any) -> dict[str, Any]:
-    m = result.metrics or {}
-    failed = result.error is not None or not m.get("done", False)
-    val, acc = m.get("val_acc", float("nan")), m.get("test_acc", float("nan"))
-    return {
-        "arch_id": arch_id, "retrain_epochs": int(m.get("retrain_epochs", 0)), "val_acc": val,
-        "val_error": 1.0 - val, "test_acc": acc, "test_error": 1.0 - acc, "wall_s": float(m.get("wall_s", 0.0)),
-        "status": "failed" if failed else "ok",
-        "error": one_line(result.error) if result.error is not None else ("" if not failed else "did not finish"),
-    }  # fmt: skip
+        write_model_folder(ctx, loop, data, device, threads)
+    last = loop.history[-1]
+    write_result(ctx.out, key, {
+        "arch_id": arch_id, "repeat": repeat, "status": "ok", "error": "", "retrain_epochs": loop.epoch,
+        "val_acc": last["val_acc"], "val_error": 1 - last["val_acc"], "test_acc": last["test_acc"],
+        "test_error": 1 - last["test_acc"], "wall_s": sum(h["epoch_s"] for h in loop.history),
+        "retrain_started_at": json.loads(started.read_text())["started_at"], "retrain_finished_at": time.time(),
+        "resumed_at_epoch": resumed_at,
+    })  # fmt: skip
+    shutil.rmtree(folder / key, ignore_errors=True)  # the result is kept: its checkpoints are not needed
+    tune.report(metrics(loop, done=True))
 
 
-def run_retrain(
-    ctx: RunContext, archs: pd.DataFrame, trial: Callable[..., None] = retrain_trial
-) -> pd.DataFrame:
-    """Retrain every architecture; one row per arch_id with RETRAIN_COLUMNS (also `retrained.parquet`)."""
-    from ray import tune
-
-    from pipeline.raytools import fit_tuner
-
-    path = ctx.out / "retrained.parquet"
-    if ctx.stage_done("retrain") and path.is_file():
-        print("[retrain] already finished")
-        return pd.read_parquet(path)
-    if archs.empty:
-        return pd.DataFrame(columns=list(RETRAIN_COLUMNS))
-    res = ctx.resources
-    assert res is not None
-    per_trial = res.retrain_trial(ctx.cfg)
-    slots = res.gpus if res.use_gpu else res.cpus // per_trial["cpu"]
-    space = {
-        "arch": tune.grid_search(
-            [{"arch_id": a, "genotype": g} for a, g in zip(archs["arch_id"], archs["genotype"])]
-        )
-    }
-    trainable = tune.with_resources(tune.with_parameters(retrain_entry, ctx=ctx, fn=trial), per_trial)
-    epochs = retrain_plan(ctx.cfg, retrain_images(ctx)).epochs
-    units = epoch_units(lambda r: r["arch_id"])
-    describe = lambda r: f"{r['arch_id']} {describe_epoch_row(r)}"  # noqa: E731
-    with Progress(
-        "retrain", EPOCH_SCALE * epochs * len(archs), ctx.out / "retrain", units, describe, scale=EPOCH_SCALE
-    ):
-        grid = fit_tuner(
-            trainable, space, name=ctx.ray_name("retrain"), storage=ctx.storage,
-            max_concurrent=max(1, min(int(slots), ctx.cfg.ray.max_concurrent or 10**6)),
-            max_failures=ctx.cfg.ray.max_failures,
-        )  # fmt: skip
-    rows = {}
-    for r in grid:
-        arch_id = r.config["arch"]["arch_id"]
-        rows[arch_id] = _row(arch_id, r)
-    out = pd.DataFrame([rows[a] for a in archs["arch_id"]], columns=list(RETRAIN_COLUMNS))
-    out.to_parquet(path, index=False)
-    ctx.mark_done(
-        "retrain", {"ok": int((out["status"] == "ok").sum()), "failed": int((out["status"] != "ok").sum())}
-    )
-    return out
+def retrain_entry(config: dict[str, Any], ctx: RunContext) -> None:
+    """The Tune trainable: `retrain_trial` on the trial's architecture (`config["arch"]`)."""
+    retrain_trial(config["arch"], ctx)

@@ -105,37 +105,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stages(ctx, resuming: bool, t0: float, notes: list[str] = ()) -> int:
-    from pipeline.collect import run_collect
     from pipeline.describe import describe_run
-    from pipeline.retrain import run_retrain
-    from pipeline.sweep import run_sweep
+    from pipeline.stream import run_search_and_retrain
     from pipeline.teacher import run_teacher
 
     print(describe_run(ctx, resuming))
     for note in notes:  # what the checks capped or skipped
         print(note)
     teacher_path = run_teacher(ctx)  # cached by config hash: a resumed run finds it
-    if not ctx.stage_done("search"):
-        failures = run_sweep(ctx, teacher_path)
-        for tid, err in failures.items():
-            print(f"[search] {tid} failed: {err}")
+    if ctx.stage_done("retrain"):
+        print("[run] searches and retraining already finished")
+    else:
+        failures = run_search_and_retrain(ctx, teacher_path)
         if failures and len(failures) == ctx.n_points:
             sys.stderr.write(f"error: every search failed; first: {next(iter(failures.items()))}\n")
             return 1
         ctx.mark_done("search", {"failed": failures})
-    else:
-        print("[search] already finished")
+    return finish(ctx, t0)
+
+
+def finish(ctx, t0: float) -> int:
+    """The final tables (every repeat in retrained.parquet), the report, the summary on the console."""
+    from dnad.checkpoint import atomic_write_bytes
+    from dnad.results import architectures_table, read_cards, retrain_results
+    from pipeline.collect import run_collect
+    from pipeline.describe import publish
+
     archs = run_collect(ctx)
+    r = ctx.cfg.retrain
+    retrained = retrain_results(ctx.out, list(archs["arch_id"]) if len(archs) else [], r.repeats, r.epochs)
+    atomic_write_bytes(ctx.out / "retrained.parquet", retrained.to_parquet(index=False))
+    ok = int((retrained["status"] == "ok").sum())
+    ctx.mark_done("retrain", {"ok": ok, "failed": len(retrained) - ok})
     print(f"[collect] {len(archs)} distinct architectures")
-    retrained = run_retrain(ctx, archs)
-    return finish(ctx, archs, retrained, t0)
-
-
-def finish(ctx, archs, retrained, t0: float) -> int:
-    from pipeline.describe import write_all
-
-    table = write_all(ctx, archs, retrained)
-    print(table)
+    print(publish(ctx.out, architectures_table(archs, retrained, read_cards(ctx.out))))
     print(f"done in {time.monotonic() - t0:.0f} s; results in {ctx.out}")
     return 0
 

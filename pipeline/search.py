@@ -8,10 +8,14 @@ SearchLoop state as the epoch's checkpoint; a rerun with the same Ray run name r
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dnad.checkpoint import atomic_write_text
 from pipeline.config import search_plan
 from pipeline.context import RunContext, thread_count
 
@@ -54,9 +58,22 @@ def search_worker(config: dict[str, Any]) -> None:
         "ray_node_id": ray.get_runtime_context().get_node_id(), "device": str(device), "pid": os.getpid(),
     })  # fmt: skip
 
+    emissions_path = metrics_path.with_name("emissions.jsonl")
+    published = {int(r["index"]) for r in read_jsonl(emissions_path)} if rank == 0 else set()
+
+    def publish(lp: Any) -> None:
+        """Each emission as it happens, for the retraining queue (pipeline.stream); an emission made again
+        after a resume keeps its first record."""
+        for e in lp.emissions:
+            if e.index not in published:
+                append_jsonl(emissions_path, {"trial_id": trial_id, **asdict(e), "emitted_at": time.time()})
+                published.add(e.index)
+
     def log(m: dict[str, Any]) -> None:
         if rank == 0:
             append_jsonl(metrics_path, {"trial_id": trial_id, **{k: m[k] for k in METRIC_KEYS}})
+            if m["emitted"]:
+                publish(loop)
 
     loop = make_search(scfg, data, teacher=teacher, device=device, callback=log, rank=rank, world_size=world,
                        augment=dcfg.augment, teacher_val_acc=teacher_acc)  # fmt: skip
@@ -76,6 +93,7 @@ def search_worker(config: dict[str, Any]) -> None:
             for i in range(written, len(lp.notes)):
                 append_jsonl(notes_path, {"trial_id": trial_id, "index": i, "note": lp.notes[i]})
             written = len(lp.notes)
+            publish(lp)  # the final emission (and any made outside a logged step)
         metrics = {"epoch": lp.epoch, "step": lp.step, "emissions": len(lp.emissions), "done": lp.done}
         report(metrics, lp.state_dict() if rank == 0 else None, f"checkpoint_{lp.epoch:06d}")
 
@@ -83,7 +101,26 @@ def search_worker(config: dict[str, Any]) -> None:
 
 
 def run_search(ctx: RunContext, point: dict[str, Any], teacher_path: str | None) -> list[dict[str, Any]]:
-    """Run (or resume) the search of one sweep point; returns its emissions as plain dicts."""
+    """Run (or resume) the search of one sweep point; returns its emissions as plain dicts. Either way it
+    leaves `search/<trial>/result.json` (when it ended, its error if it failed) and, finished,
+    `emissions.json`: the markers the retraining queue and a resumed run go by."""
+    from pipeline.progress import one_line
+
+    tid = point["trial_id"]
+    folder = ctx.out / "search" / tid
+    try:
+        emissions = _search(ctx, point, teacher_path)
+    except Exception as e:
+        atomic_write_text(
+            folder / "result.json", json.dumps({"finished_at": time.time(), "error": one_line(e)})
+        )
+        raise
+    atomic_write_text(folder / "emissions.json", json.dumps(emissions, indent=1))
+    atomic_write_text(folder / "result.json", json.dumps({"finished_at": time.time(), "error": None}))
+    return emissions
+
+
+def _search(ctx: RunContext, point: dict[str, Any], teacher_path: str | None) -> list[dict[str, Any]]:
     from pipeline.raytools import read_checkpoint, torch_trainer
 
     cfg, res = ctx.cfg, ctx.resources

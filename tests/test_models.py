@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import dnad
-from dnad.config import DataConfig, RetrainConfig
+from dnad.config import DataConfig
 from dnad.data import load_dataset
 from dnad.deploy import CARD, GENOTYPE, ONNX, WEIGHTS, load_model, read_card
 from dnad.errors import InputError
 from dnad.genotype import Genotype
 from dnad.network import build_model
 from dnad.retrain import RetrainLoop, evaluate
-from pipeline.config import DeployConfig, RunConfig
+from pipeline.config import DeployConfig, RetrainStage, RunConfig
 from pipeline.models import base_card, export_and_time
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def trained(tmp_path_factory) -> tuple[Path, RunConfig]:
     cfg = RunConfig(
         name="unit",
         data=DataConfig(train_subset=2000, val_size=500, test_subset=1000),
-        retrain=RetrainConfig(C=4, epochs=2, batch_size=64, optimizer="adamw", lr=0.006, auxiliary_weight=0.4,
+        retrain=RetrainStage(C=4, epochs=2, batch_size=64, optimizer="adamw", lr=0.006, auxiliary_weight=0.4,
                               drop_path=0.0),
     )  # fmt: skip
     data = load_dataset(cfg.data)

@@ -1,0 +1,123 @@
+"""Retraining starts at emission (`pipeline.stream`): the queue fed by the searches' emission files, and
+a smoke run whose first retraining starts while a search still runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import build_config
+from pipeline.context import RunContext
+from pipeline.stream import StreamState
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ctx(tmp_path: Path, **retrain) -> RunContext:
+    over = [f"retrain.{k}={v}" for k, v in retrain.items()]
+    return RunContext(build_config(None, None, over, smoke=True), tmp_path)
+
+
+def _emit(out: Path, tid: str, index: int, arch: str, macs: float, val: float) -> None:
+    f = out / "search" / tid / "emissions.jsonl"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    with open(f, "a") as fh:
+        fh.write(json.dumps({"trial_id": tid, "index": index, "arch_id": arch, "genotype": f"g-{arch}",
+                             "macs": macs, "val_acc": val, "alive_pairs": 10, "emitted_at": 1.0}) + "\n")  # fmt: skip
+
+
+def _end(out: Path, tid: str, error: str | None = None) -> None:
+    (out / "search" / tid).mkdir(parents=True, exist_ok=True)
+    (out / "search" / tid / "result.json").write_text(json.dumps({"finished_at": 2.0, "error": error}))
+
+
+def _drain(state: StreamState) -> list:
+    state.refresh()
+    got = []
+    while (item := state.next()) is not None:
+        got.append(item)
+    return got
+
+
+POINTS = [{"trial_id": "t00", "seed": 0}, {"trial_id": "t01", "seed": 0}]
+
+
+def test_searches_come_first_then_each_new_architecture_as_it_is_emitted(tmp_path):
+    state = StreamState(_ctx(tmp_path, repeats=2), POINTS)
+    assert [i["point"]["trial_id"] for i in _drain(state)] == ["t00", "t01"]
+    assert not state.finished()
+    _emit(tmp_path, "t00", 0, "a", 10e6, 0.5)
+    _emit(tmp_path, "t01", 0, "a", 10e6, 0.5)  # the same architecture from another search: once
+    assert [(i["arch"]["arch_id"], i["arch"]["repeat"]) for i in _drain(state)] == [("a", 0), ("a", 1)]
+    _emit(tmp_path, "t00", 1, "b", 5e6, 0.4)
+    assert [i["arch"]["genotype"] for i in _drain(state)] == ["g-b", "g-b"]
+    assert _drain(state) == [] and not state.finished()  # nothing now, but the searches go on
+    _end(tmp_path, "t00")
+    _end(tmp_path, "t01", error="diverged")  # a failed search keeps what it emitted
+    assert _drain(state) == [] and state.finished()
+
+
+def test_a_resumed_run_does_not_queue_what_is_done_and_retries_failed_searches(tmp_path):
+    ctx = _ctx(tmp_path)
+    _emit(tmp_path, "t00", 0, "a", 10e6, 0.5)
+    _emit(tmp_path, "t00", 1, "b", 5e6, 0.4)
+    (tmp_path / "search" / "t00" / "emissions.json").write_text("[]")  # t00 finished earlier
+    _end(tmp_path, "t00")
+    _end(tmp_path, "t01", error="diverged")  # t01 failed earlier: its marker goes, it runs again
+    (tmp_path / "retrain").mkdir()
+    (tmp_path / "retrain" / "a.result.json").write_text(json.dumps({"status": "ok"}))
+    state = StreamState(ctx, POINTS)
+    assert [p["trial_id"] for p in state.searches] == ["t01"]
+    assert not (tmp_path / "search" / "t01" / "result.json").exists()
+    items = _drain(state)
+    assert [i.get("point", {}).get("trial_id") or i["arch"]["arch_id"] for i in items] == ["t01", "b"]
+
+
+def test_after_search_holds_everything_until_every_search_has_ended(tmp_path):
+    state = StreamState(_ctx(tmp_path, start="after_search"), POINTS)
+    _drain(state)
+    _emit(tmp_path, "t00", 0, "a", 10e6, 0.5)
+    _end(tmp_path, "t00")
+    assert _drain(state) == []
+    _emit(tmp_path, "t01", 0, "b", 5e6, 0.6)
+    _end(tmp_path, "t01")
+    assert [i["arch"]["arch_id"] for i in _drain(state)] == ["a", "b"] and state.finished()
+
+
+@pytest.mark.parametrize(("rest", "later"), [("after_search", ["c"]), ("none", [])])
+def test_front_streams_the_non_dominated_and_the_rest_waits_or_goes(tmp_path, rest, later):
+    state = StreamState(_ctx(tmp_path, stream="front", rest=rest), POINTS[:1])
+    _drain(state)
+    _emit(tmp_path, "t00", 0, "a", 10e6, 0.50)
+    _emit(tmp_path, "t00", 1, "b", 6e6, 0.55)  # cheaper and better: on the front
+    _emit(tmp_path, "t00", 2, "c", 8e6, 0.45)  # dominated by b: held
+    assert [i["arch"]["arch_id"] for i in _drain(state)] == ["a", "b"]
+    assert not state.finished()
+    _end(tmp_path, "t00")
+    assert [i["arch"]["arch_id"] for i in _drain(state)] == later and state.finished()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_with_a_spare_slot_retraining_starts_while_a_search_still_runs(smoke_run, tmp_path):
+    """Three Ray CPUs: the two tiny searches hold one each, the third retrains what they emit."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "pipeline/run.py"), "--smoke-test", "--output", str(out), "ray.num_cpus=3",
+           f"teacher.cache_dir={smoke_run.parent / 'teacher-cache'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    archs = pd.read_parquet(out / "architectures.parquet")
+    assert (archs["status"] == "ok").all()
+    assert archs["retrain_started_at"].min() < archs["search_finished_at"].max()  # the overlap
+    assert (archs["emitted_at"] <= archs["retrain_started_at"]).all()
+    assert (archs["retrain_started_at"] < archs["retrain_finished_at"]).all()
+    assert "[search] t00 emitted" in proc.stdout and "[retrain] " in proc.stdout  # both on one console
+    # the same architectures and accuracies as the staged, two-CPU run of the fixture (CPU: deterministic)
+    want = pd.read_parquet(smoke_run / "architectures.parquet")
+    assert list(archs["arch_id"]) == list(want["arch_id"])
+    assert list(archs["val_acc"]) == pytest.approx(list(want["val_acc"]), abs=1e-9)
