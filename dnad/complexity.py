@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,8 +106,40 @@ def op_cost(op: str, C_in: int, C_out: int, stride: int, h: int, affine: bool = 
         parts = [_conv(C_in, C_in, k, ho, groups=C_in), _conv(C_in, C_out, 1, ho)]
         bn = _bn(C_out, affine)
     else:
-        raise ValueError(f"no cost formula for op {op!r}")
+        return measured_op_cost(op, C_in, C_out, stride, h, affine)
     return sum(m for m, _ in parts), sum(p for _, p in parts) + bn
+
+
+@functools.lru_cache(maxsize=1024)
+def measured_op_cost(
+    op: str, C_in: int, C_out: int, stride: int, h: int, affine: bool = True
+) -> tuple[int, int]:
+    """(MACs, params) of any registered op, counted on the built module: its parameters, and the
+    multiply-accumulates of its convolutions and linear layers on one h×h input (how ops registered
+    without a formula of their own are costed)."""
+    from dnad.ops import build_op
+
+    module = build_op(op, C_in, C_out, stride, affine).eval()
+    macs = 0
+
+    def count(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(m, nn.Conv2d):
+            per_out = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            macs += out.numel() * per_out
+        elif isinstance(m, nn.Linear):
+            macs += out.numel() * m.in_features
+
+    hooks = [
+        m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad(), reference_kernels():
+            module(torch.zeros(1, C_in, h, h))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return macs, sum(p.numel() for p in module.parameters())
 
 
 def _preprocess_cost(C_in: int, C_out: int, h_in: int, reduce: bool, affine: bool) -> tuple[int, int]:

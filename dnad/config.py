@@ -273,7 +273,7 @@ class RetrainConfig(Strict):
     cuda_graph: Literal["auto", "off"] = Field(
         "auto",
         description="auto: on a CUDA device, capture each training step as one CUDA graph and replay it "
-        "(fewer host launches: 9-15 % faster on an H200 at batch 512); off: eager steps",
+        "(fewer host launches per step); off: eager steps",
     )
     seed: int = 0
 

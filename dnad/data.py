@@ -234,12 +234,6 @@ def preprocess_spec(b: DatasetBundle) -> dict[str, object]:
     }
 
 
-def describe(b: DatasetBundle) -> str:
-    """One line, e.g. `fashion_mnist: 60000 train / 0 val / 10000 test, 1x28x28, 10 classes`."""
-    sizes = f"{len(b.train)} train / {len(b.val)} val / {len(b.test)} test"
-    return f"{b.name}: {sizes}, {b.in_channels}x{b.image_size}x{b.image_size}, {b.num_classes} classes"
-
-
 # ---------------------------------------------------------------------------------------------- loaders
 @lru_cache(maxsize=4)  # the 47 MB train file takes ~0.3 s to inflate; tests and trials reload it often
 def _read_idx(path: str, mtime_ns: int, want_magic: int) -> Tensor:

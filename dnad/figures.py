@@ -24,15 +24,6 @@ TRIAL_PALETTE = (
     "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
     "#8C564B", "#7F7F7F", "#BCBD22", "#17BECF",
 )  # fmt: skip
-OP_COLORS: dict[str, str] = {
-    "sep_conv_3x3": "#0072B2", "sep_conv_5x5": "#56B4E9", "dil_conv_3x3": "#009E73",
-    "dil_conv_5x5": "#7FC97F", "max_pool_3x3": "#D55E00", "avg_pool_3x3": "#E69F00",
-    "skip_connect": "#7F7F7F", "none": "#CCCCCC",
-}  # fmt: skip
-OP_SHORT: dict[str, str] = {
-    "sep_conv_3x3": "sep3", "sep_conv_5x5": "sep5", "dil_conv_3x3": "dil3", "dil_conv_5x5": "dil5",
-    "max_pool_3x3": "max", "avg_pool_3x3": "avg", "skip_connect": "skip", "none": "none",
-}  # fmt: skip
 _EXTRA_OP_COLORS = ("#CC79A7", "#8C564B", "#BCBD22", "#17BECF", "#9467BD", "#F0E442")
 COST_LABELS = {
     "macs": "MACs (multiply-accumulates, log scale)",
@@ -68,11 +59,24 @@ def trial_colors(trial_ids: Sequence[Any]) -> dict[str, str]:
     return {t: TRIAL_PALETTE[i % len(TRIAL_PALETTE)] for i, t in enumerate(ids)}
 
 
+def _op_info() -> dict[str, Any]:
+    from dnad.ops import OP_INFO  # lazy: torch only when a cell is drawn
+
+    return OP_INFO
+
+
 def op_color(op: str) -> str:
-    """Fixed colour of a known op; other ops get a stable colour from their name."""
-    if op in OP_COLORS:
-        return OP_COLORS[op]
+    """The colour an op was registered with; otherwise a stable colour from its name."""
+    info = _op_info().get(op)
+    if info is not None and info.color is not None:
+        return info.color
     return _EXTRA_OP_COLORS[sum(op.encode()) % len(_EXTRA_OP_COLORS)]
+
+
+def op_short(op: str) -> str:
+    """The short label an op was registered with (its name when unknown)."""
+    info = _op_info().get(op)
+    return info.short if info is not None else op
 
 
 def trial_label(trial_id: str, temperature: Any = None) -> str:
@@ -346,11 +350,11 @@ def cell_figure(genotype: Genotype, title: str | None = None, cols: int = 3) -> 
             )  # fmt: skip
         fig.update_xaxes(range=[-0.6, out_x + 0.6], visible=False, row=row, col=col)
         fig.update_yaxes(range=[-0.25 * nstates**0.6 - 0.3, top + 0.4], visible=False, row=row, col=col)
-    order = list(OP_COLORS)
+    order = list(_op_info())  # registration order
     used_ops.sort(key=lambda o: (order.index(o) if o in order else len(order), o))
     for op in used_ops:  # legend: one entry per op present
         fig.add_trace(
-            go.Scatter(x=[None], y=[None], mode="lines", name=OP_SHORT.get(op, op) + f" ({op})",
+            go.Scatter(x=[None], y=[None], mode="lines", name=f"{op_short(op)} ({op})",
                        line={"color": op_color(op), "width": 4}, hoverinfo="skip"),
             row=1, col=1,
         )  # fmt: skip

@@ -124,14 +124,6 @@ class Genotype:
         """Kept (input, op) pairs over the whole network."""
         return sum(len(node) for cell in self.cells for node in cell)
 
-    def op_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for cell in self.cells:
-            for node in cell:
-                for _, op in node:
-                    counts[op] = counts.get(op, 0) + 1
-        return dict(sorted(counts.items()))
-
 
 def from_darts(
     normal: Sequence[tuple[str, int]],

@@ -56,22 +56,18 @@ class DerivedCell(nn.Module):
                 stride = 2 if plan.reduction and i < 2 else 1
                 self.edges[f"{k + 2}_{i}_{op}"] = build_op(op, plan.C, plan.C, stride, affine)
         self.drop_prob = 0.0
-        self.edge_scale: dict[str, float] | None = None  # parity tests only: mimic α mixing weights
 
     def forward(self, s_prev: torch.Tensor | None, s_prev2: torch.Tensor | None) -> torch.Tensor:
         views = StateViews(self.inputs(s_prev, s_prev2))
         for k, node in enumerate(self.spec):
             acc = None
             for i, op in node:
-                key = f"{k + 2}_{i}_{op}"
-                edge = self.edges[key]
+                edge = self.edges[f"{k + 2}_{i}_{op}"]
                 h = apply_edge(edge, views, i)
                 if isinstance(h, Phased):
                     h = h.merge()
                 if self.training and not is_identity(edge):
                     h = drop_path(h, self.drop_prob)
-                if self.edge_scale is not None:
-                    h = h * self.edge_scale[key]
                 acc = h if acc is None else acc + h
             views.states.append(acc)
         return torch.cat(views.states[2:], dim=1)

@@ -7,6 +7,7 @@ over it. Depthwise convolutions come from `dnad.fastops` so every op gets the CP
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -27,13 +28,30 @@ OpFactory = Callable[[int, int, int, bool], nn.Module]
 OPS: dict[str, OpFactory] = {}
 
 
-def register_op(name: str) -> Callable[[OpFactory], OpFactory]:
-    """Decorator adding a factory under `name`; a duplicate name is an error."""
+@dataclass(frozen=True)
+class OpInfo:
+    """How reports show an op: a short label for legends and hover text, and a colour (None: a stable
+    colour derived from the name)."""
+
+    short: str
+    color: str | None = None
+
+
+OP_INFO: dict[str, OpInfo] = {}
+
+
+def register_op(
+    name: str, *, short: str | None = None, color: str | None = None
+) -> Callable[[OpFactory], OpFactory]:
+    """Decorator adding a factory `(C_in, C_out, stride, affine) -> nn.Module` under `name`; a
+    duplicate name is an error. `short` / `color`: its legend label and colour in the figures. Its
+    cost (MACs, params) is counted on the built module (`dnad.complexity.op_cost`)."""
 
     def deco(fn: OpFactory) -> OpFactory:
         if name in OPS:
             raise ValueError(f"op {name!r} is already registered")
         OPS[name] = fn
+        OP_INFO[name] = OpInfo(short or name, color)
         return fn
 
     return deco
@@ -256,23 +274,23 @@ def _with_channels(pool: nn.Module, C_in: int, C_out: int, affine: bool) -> nn.M
     return nn.Sequential(pool, ReLUConvBN(C_in, C_out, 1, 1, 0, affine))
 
 
-@register_op("none")
+@register_op("none", short="none", color="#CCCCCC")
 def _none(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     return Zero(C_out, stride)
 
 
-@register_op("max_pool_3x3")
+@register_op("max_pool_3x3", short="max", color="#D55E00")
 def _max_pool(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     return _with_channels(nn.MaxPool2d(3, stride=stride, padding=1), C_in, C_out, affine)
 
 
-@register_op("avg_pool_3x3")
+@register_op("avg_pool_3x3", short="avg", color="#E69F00")
 def _avg_pool(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     pool = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
     return _with_channels(pool, C_in, C_out, affine)
 
 
-@register_op("skip_connect")
+@register_op("skip_connect", short="skip", color="#7F7F7F")
 def _skip(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     if stride == 2:
         return FactorizedReduce(C_in, C_out, affine)
@@ -281,22 +299,22 @@ def _skip(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     return nn.Identity()
 
 
-@register_op("sep_conv_3x3")
+@register_op("sep_conv_3x3", short="sep3", color="#0072B2")
 def _sep3(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     return SepConv(C_in, C_out, 3, stride, affine)
 
 
-@register_op("sep_conv_5x5")
+@register_op("sep_conv_5x5", short="sep5", color="#56B4E9")
 def _sep5(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     return SepConv(C_in, C_out, 5, stride, affine)
 
 
-@register_op("dil_conv_3x3")
+@register_op("dil_conv_3x3", short="dil3", color="#009E73")
 def _dil3(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     return DilConv(C_in, C_out, 3, stride, 2, affine)
 
 
-@register_op("dil_conv_5x5")
+@register_op("dil_conv_5x5", short="dil5", color="#7FC97F")
 def _dil5(C_in: int, C_out: int, stride: int, affine: bool) -> nn.Module:
     return DilConv(C_in, C_out, 5, stride, 2, affine)
 

@@ -195,10 +195,6 @@ def load_run(output_dir: str | Path) -> RunResults:
     return RunResults(archs, metrics, config)
 
 
-def load_genotype_json(output_dir: str | Path, arch_id: str) -> dict[str, Any]:
-    return json.loads((Path(output_dir) / "genotypes" / f"{arch_id}.json").read_text())
-
-
 def summary_table(archs: pd.DataFrame) -> str:
     """Plain-text table, best validation accuracy first, with the Pareto fronts each row is on."""
     if archs.empty:

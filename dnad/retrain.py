@@ -75,9 +75,6 @@ class RetrainLoop:
     the last one, and on `data.test` once, after the last epoch (when `test`). Validation accuracy is
     what architectures are chosen by; the test accuracy is only reported."""
 
-    # tests only: take the CUDA-graph path on the CPU, running the captured step function directly
-    emulate_graphs = False
-
     def __init__(
         self,
         cfg: RetrainConfig,
@@ -123,7 +120,7 @@ class RetrainLoop:
         self.history: list[dict[str, Any]] = []
         # CUDA graph state (see dnad.cudagraph): eager warm-up steps, then one captured step replayed
         reason = unsupported_reason(self.opt)
-        on_gpu = self.device.type == "cuda" or self.emulate_graphs
+        on_gpu = self._graph_capable()
         self.graphs = cfg.cuda_graph == "auto" and on_gpu and reason is None
         if cfg.cuda_graph == "auto" and on_gpu and reason is not None:
             log.warning("%s: eager steps, no CUDA graph (%s)", stage, reason)
@@ -172,8 +169,13 @@ class RetrainLoop:
         key = self._drop_p  # baked into the graph: re-capture when it changes (once per epoch at most)
         st.x.copy_(x)
         st.y.copy_(y)
-        if self.device.type != "cuda":  # emulate_graphs
-            return st.run_eager(lr)
+        return self._run_graph(st, key, lr)
+
+    def _graph_capable(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _run_graph(self, st: StaticStep, key: float, lr: float) -> tuple[bool, float, int]:
+        """Replay the captured step, capturing it first (again when the drop-path rate `key` changed)."""
         if st.graph is None or key != self._graph_key:
             st.graph = None
             torch.cuda.synchronize(self.device)

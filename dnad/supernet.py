@@ -8,6 +8,8 @@ any more, and cell inputs nobody reads, are not computed either.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -40,10 +42,12 @@ def node_segments(nodes: int, num_ops: int) -> list[tuple[int, int]]:
     return segs
 
 
-def pair_index(node: int, i: int, o: int, num_ops: int) -> int:
-    """Column of pair (input i, op o) of node `node` (2..) in a cell's α row."""
-    start = sum(j * num_ops for j in range(2, node))
-    return start + i * num_ops + o
+def fresh_sparsity(cells: int, nodes: int, num_ops: int) -> float:
+    """S of a fresh super-network with unit cost weights: node j mixes j·|O| pairs at w = 1/(j·|O|)
+    (72.03 per cell for 3 ops and 4 nodes). Cost-weighted sparsity keeps each cell's mean weight at 1,
+    so its S starts near this figure."""
+    per_cell = sum(j * num_ops * math.log1p(SPARSITY_SCALE / (j * num_ops)) for j in range(2, nodes + 2))
+    return cells * per_cell
 
 
 def normalise(alpha: torch.Tensor, deleted: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dnad.budget import SearchPlan, plan_retrain, plan_search, steps_per_epoch
 from dnad.config import DataConfig, RetrainConfig, SearchConfig
 from dnad.errors import InputError
+from pipeline.smoke import smoke_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SWEEP_KEYS = {  # sweep list -> the path of the SearchConfig field it overrides
@@ -223,13 +223,11 @@ def needs_teacher(cfg: RunConfig) -> bool:
 
 
 def initial_sparsity(cfg: SearchConfig) -> float:
-    """S of a fresh super-network: every node j mixes j·|O| pairs at w = 1/(j·|O|) (72.03 per cell
-    for the 3-op reference set and 4 nodes)."""
+    """S of the search's fresh super-network (`dnad.supernet.fresh_sparsity`), without building it."""
     from dnad.ops import resolve_op_set
+    from dnad.supernet import fresh_sparsity
 
-    n_ops = len(resolve_op_set(cfg.supernet.ops))
-    per_cell = sum(j * n_ops * math.log1p(50.0 / (j * n_ops)) for j in range(2, cfg.supernet.nodes + 2))
-    return cfg.supernet.cells * per_cell
+    return fresh_sparsity(cfg.supernet.cells, cfg.supernet.nodes, len(resolve_op_set(cfg.supernet.ops)))
 
 
 # -- profiles and overrides ------------------------------------------------------------------------
@@ -339,9 +337,7 @@ def build_config(
     else:
         base = load_profile(profile or "quick")
     if smoke:
-        from pipeline.smoke import smoke_dict
-
-        base = smoke_dict(validate(_resolve_paths(base)))
+        base = smoke_dict(validate(_resolve_paths(base)), load_profile("tiny"))
     cfg = validate(_resolve_paths(apply_overrides(base, overrides)))
     for point in sweep_points(cfg):
         trial_search_config(cfg, point)

@@ -7,18 +7,19 @@ per stage. The Fashion-MNIST profiles become the `tiny` preset (2–3 cells, C=8
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import RunConfig, load_profile
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
 
 REAL_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "imagenet": (3, 224, 1000)}
 
 
-def smoke_dict(base: RunConfig) -> dict[str, Any]:
-    """The smoke-test version of `base` as a plain dict (overrides are applied to it afterwards)."""
+def smoke_dict(base: RunConfig, tiny: dict[str, Any]) -> dict[str, Any]:
+    """The smoke-test version of `base` as a plain dict (overrides are applied to it afterwards);
+    `tiny` is the tiny profile, what a Fashion-MNIST profile becomes."""
     ds = base.data.dataset
     if ds not in REAL_SHAPES and ds != "imagefolder":
-        tiny = load_profile("tiny")
         return tiny | {"ray": base.ray.model_dump(mode="json") | tiny.get("ray", {})}
     channels, size, classes = REAL_SHAPES.get(
         ds, (3, base.data.image_size or 224, base.data.num_classes or 10)

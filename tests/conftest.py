@@ -18,6 +18,28 @@ def _seed():
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture
+def weighted_like():
+    """`weighted_like(net, model)`: a textbook copy of the derived `model` whose every edge output is
+    scaled by that pair's mixing weight in the super-network `net`, so that it must compute what `net`
+    computes (parity tests of the derived network against its super-network)."""
+    from dnad.reference import textbook
+
+    def make(net, model):
+        ref = textbook(model)
+        w = net.mixing_weights().detach()
+        for c, cell in enumerate(ref.cells):
+            if not hasattr(cell, "edges"):
+                continue
+            cols = {key: col for row in net.cells[c].pairs for col, _, key in row}
+            for key, edge in cell.edges.items():
+                scale = float(w[c, cols[key]])
+                edge.register_forward_hook(lambda _m, _i, out, s=scale: out * s)
+        return ref
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """One `pipeline/run.py --smoke-test` run folder shared by every test that reads a finished run."""

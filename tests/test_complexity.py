@@ -49,3 +49,50 @@ def test_relative_cost_weights_mean_one_and_skip_floor():
     assert torch.all(w >= 0.05)
     # skip_connect at stride 1 is free: it sits at the floor; dil_conv_5x5 is costlier than skip
     assert w[0, 1] == pytest.approx(0.05) and w[0, 2] > w[0, 1]
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_measured_op_cost_equals_the_formulas(op):
+    """The generic count on the built module (how ops registered without a formula are costed)
+    agrees with every built-in formula, at both strides, channel changes, odd sizes, affine or not."""
+    from dnad.complexity import measured_op_cost
+
+    for c_in, c_out, stride in [(8, 8, 1), (8, 8, 2), (8, 16, 1), (8, 16, 2)]:
+        for h in (8, 7):
+            for affine in (True, False):
+                assert measured_op_cost(op, c_in, c_out, stride, h, affine) == op_cost(
+                    op, c_in, c_out, stride, h, affine
+                ), (c_in, c_out, stride, h, affine)
+
+
+@pytest.fixture
+def custom_op():
+    """A user's op registered for one test (a 3x3 conv + BN, label "c3"), unregistered afterwards."""
+    from dnad.ops import OP_INFO, register_op
+
+    name = "test_conv_3x3"
+
+    @register_op(name, short="c3", color="#123456")
+    def _make(C_in, C_out, stride, affine):
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(C_in, C_out, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(C_out, affine=affine)
+        )
+
+    yield name
+    OPS.pop(name)
+    OP_INFO.pop(name)
+
+
+def test_a_registered_op_is_costed_searched_and_drawn(custom_op):
+    """An op registered by a user works everywhere a built-in does: cost (conv MACs and params counted
+    on the module), cost-weighted sparsity, the super-network, and the cell figure's colour/label."""
+    from dnad.figures import op_color, op_short
+
+    macs, params = op_cost(custom_op, 8, 8, 1, 8, affine=True)
+    assert macs == 8 * 8 * 9 * 8 * 8 and params == 8 * 8 * 9 + 2 * 8
+    net = SuperNet(C=4, num_cells=3, num_classes=5, in_channels=3, image_size=16, ops=(custom_op, "skip_connect"))
+    w = relative_cost_weights(net, "macs")
+    assert torch.isfinite(w).all() and w.shape == net.cost_weight.shape
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    assert (op_color(custom_op), op_short(custom_op)) == ("#123456", "c3")
+    assert op_short("unknown_op") == "unknown_op" and op_color("unknown_op").startswith("#")

@@ -15,6 +15,7 @@ from dnad.distill import ResNetTeacher
 from dnad.fastops import IMPLS, DepthwiseConv2d
 from dnad.network import build_model
 from dnad.presets import tiny_data, tiny_retrain, tiny_search
+from dnad.reference import textbook
 from dnad.retrain import RetrainLoop
 from dnad.strategies.snps import SearchLoop
 from dnad.supernet import SuperNet
@@ -70,7 +71,7 @@ def test_search_with_distillation_runs_on_cuda_and_resumes_on_cpu(data, tmp_path
     assert cpu.net.alive_pairs() == loop.net.alive_pairs()
 
 
-def test_supernet_and_derived_network_agree_on_cuda():
+def test_supernet_and_derived_network_agree_on_cuda(weighted_like):
     torch.manual_seed(1)
     net = SuperNet(C=4, num_cells=4, num_classes=5, in_channels=3, image_size=16)
     with torch.no_grad():
@@ -84,15 +85,12 @@ def test_supernet_and_derived_network_agree_on_cuda():
     g = net.export()
     model = build_model(g, C=4, num_classes=5, in_channels=3, image_size=16).to(DEV)
     model.load_state_dict(net.state_dict(), strict=False)
-    w = net.mixing_weights().detach()
-    for c, cell in enumerate(model.cells):
-        if hasattr(cell, "edges"):
-            cols = {key: col for row in net.cells[c].pairs for col, _, key in row}
-            cell.edge_scale = {key: float(w[c, cols[key]]) for key in cell.edges}
+    ref = weighted_like(net, model).eval()
     model.eval()
     x = torch.randn(4, 3, 16, 16, device=DEV)
     with torch.no_grad():
-        torch.testing.assert_close(net(x), model(x), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(net(x), ref(x), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(model(x), textbook(model).eval()(x), rtol=2e-3, atol=2e-3)
 
 
 def test_retrain_on_cuda(data):

@@ -1,5 +1,5 @@
 """The CUDA-graph training step (dnad.cudagraph) on the CPU: its optimizer update against torch's own,
-and the retrain loop on the graph path (the captured step function run directly, `emulate_graphs`)
+and the retrain loop on the graph path (the captured step function run directly, `EmulatedGraphLoop`)
 against the ordinary eager loop. Capture and replay themselves are tested in test_cuda.py."""
 
 import copy
@@ -78,10 +78,20 @@ def genotype(data):
     return Genotype.from_json(SearchLoop(tiny_search(epochs=2), data).net.export().to_json())
 
 
+class EmulatedGraphLoop(RetrainLoop):
+    """The CUDA-graph path on the CPU: the captured step function run directly instead of replayed."""
+
+    def _graph_capable(self) -> bool:
+        return True
+
+    def _run_graph(self, st, key, lr):
+        return st.run_eager(lr)
+
+
 def _loop(data, genotype, graphs: bool, **kw) -> RetrainLoop:
     torch.manual_seed(0)
     model = build_model(genotype, 4, data.num_classes, 3, 16, auxiliary=True)
-    cls = type("GraphLoop", (RetrainLoop,), {"emulate_graphs": True}) if graphs else RetrainLoop
+    cls = EmulatedGraphLoop if graphs else RetrainLoop
     return cls(tiny_retrain(**kw), model, data)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dnad.network import build_model
-from dnad.supernet import SuperNet, node_segments, pair_index
+from dnad.reference import textbook
+from dnad.supernet import SuperNet, node_segments
 
 
 def tiny(**kw):
@@ -21,8 +22,12 @@ def set_node_weights(net, cell, node, weights):
 
 
 def test_fresh_cell_sparsity_reference_values():
+    from dnad.supernet import fresh_sparsity
+
     net = tiny(num_cells=1)
     assert float(net.sparsity()) == pytest.approx(72.03, abs=0.01)
+    assert fresh_sparsity(1, 4, 3) == pytest.approx(float(net.sparsity()), rel=1e-6)
+    assert fresh_sparsity(3, 4, 3) == pytest.approx(float(tiny(num_cells=3).sparsity()), rel=1e-6)
     for j in range(2, 6):  # one op per node at w = 1
         n = j * 3
         set_node_weights(net, 0, j, [1.0] + [0.0] * (n - 1))
@@ -33,9 +38,8 @@ def test_fresh_cell_sparsity_reference_values():
     assert float(net.sparsity()) == pytest.approx(26.06, abs=0.01)
 
 
-def test_segments_and_pair_index():
+def test_segments():
     assert node_segments(4, 3) == [(0, 6), (6, 15), (15, 27), (27, 42)]
-    assert pair_index(3, 1, 2, 3) == 6 + 1 * 3 + 2
     net = tiny()
     assert net.alpha.shape == (3, 42)
 
@@ -143,7 +147,7 @@ def test_arch_and_weight_parameters_disjoint():
     assert a | w == {id(p) for p in net.parameters()}
 
 
-def test_parity_supernet_vs_derived_network():
+def test_parity_supernet_vs_derived_network(weighted_like):
     torch.manual_seed(1)
     net = tiny(num_cells=4)
     with torch.no_grad():
@@ -159,16 +163,12 @@ def test_parity_supernet_vs_derived_network():
     missing, _unexpected = model.load_state_dict(net.state_dict(), strict=False)
     assert all(k.endswith((".weight", ".bias")) for k in missing)  # affine BN params only (init 1/0)
     assert all(model.state_dict()[k].dim() == 1 for k in missing)
-    w = net.mixing_weights().detach()
-    for c, cell in enumerate(model.cells):
-        if not hasattr(cell, "edges"):
-            continue
-        cols = {key: col for row in net.cells[c].pairs for col, _, key in row}
-        cell.edge_scale = {key: float(w[c, cols[key]]) for key in cell.edges}
+    ref = weighted_like(net, model).eval()
     model.eval()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(net(x), model(x), atol=1e-5)
+        assert torch.allclose(net(x), ref(x), atol=1e-5)
+        assert torch.allclose(model(x), textbook(model).eval()(x), atol=1e-5)  # fast derived = textbook
     assert math.isclose(sum(len(n) for cell in g.cells for n in cell), net.alive_pairs())
 
 
@@ -227,17 +227,9 @@ def test_weighted_sum_with_phased_terms_matches_merged_sum(n_plain, prescale):
     assert torch.autograd.gradcheck(fast, (w, *leaves))
 
 
-def naive_cell_forward(cell, s_prev, s_prev2, w, alive):
-    """A mixed cell the textbook way: every alive op's own forward, Σ w·op(state)."""
-    states = cell.inputs(s_prev, s_prev2)
-    for row in cell.pairs:
-        states.append(sum(w[col] * cell.edges[key](states[i]) for col, i, key in row if alive[col]))
-    return torch.cat(states[2:], dim=1)
-
-
 @pytest.mark.parametrize("size", [8, 7])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_supernet_fast_paths_match_textbook_forward(size, layout, monkeypatch):
+def test_supernet_fast_paths_match_textbook_forward(size, layout):
     """Shared ReLU/phase views, phase-domain dilated convs + BN, the copy-free merge and mixing
     weights folded into BN against each op's own forward with plain `F.conv2d` kernels and
     Σ w·op(x): same logits, same grads for inputs, weights and α, same BN running statistics, in
@@ -245,7 +237,7 @@ def test_supernet_fast_paths_match_textbook_forward(size, layout, monkeypatch):
     import copy
 
     from dnad.fastops import reference_kernels
-    from dnad.supernet import MixedCell
+    from dnad.reference import TextbookMixedCell
 
     torch.manual_seed(0)
     net = SuperNet(C=4, num_cells=3, num_classes=5, in_channels=3, image_size=size).double()
@@ -263,9 +255,12 @@ def test_supernet_fast_paths_match_textbook_forward(size, layout, monkeypatch):
         return logits.detach(), xi.grad, grads, dict(model.named_buffers())
 
     fast = run(copy.deepcopy(net))
-    with reference_kernels(), monkeypatch.context() as m:
-        m.setattr(MixedCell, "forward", naive_cell_forward)
-        ref = run(copy.deepcopy(net))
+    ref_net = textbook(net)
+    assert all(type(c) is TextbookMixedCell for c in ref_net.cells)
+    if layout == "channels_last":  # same layout on both sides: the comparison is of the maths only
+        ref_net = ref_net.to(memory_format=torch.channels_last)
+    with reference_kernels():
+        ref = run(ref_net)
     assert torch.allclose(fast[0], ref[0], atol=1e-10)
     assert torch.allclose(fast[1], ref[1], atol=1e-10)
     assert fast[2].keys() == ref[2].keys()
