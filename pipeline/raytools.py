@@ -10,12 +10,14 @@ TorchTrainer may be started from inside such a trial (Train-inside-Tune).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +64,28 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def check_address(address: str | None, timeout: float = 5.0) -> None:
+AUTH_HINT = (
+    "copy the head's token (`ray get-auth-token` on the head prints it) to ~/.ray/auth_token here, "
+    "or point RAY_AUTH_TOKEN_PATH at a file holding it (docs/cluster.md#authentication)"
+)
+
+
+def check_address(address: str | None, timeout: float = 5.0, reply_s: float = 10.0) -> None:
     """Refuse, in seconds and in one line, an `--address` at which no Ray cluster answers (ray.init
-    would otherwise retry for minutes). 'auto' needs a cluster started on this machine (`ray start`)."""
+    would otherwise retry for minutes), or a cluster that requires a token this machine does not
+    have (ray.init would retry and then fail without saying why). 'auto' needs a cluster started on
+    this machine (`ray start`). A token found here turns on RAY_AUTH_MODE=token for this process."""
     if address is None:
         return
     if address == "auto":
         from ray._private.services import find_bootstrap_address
 
-        if not os.environ.get("RAY_ADDRESS") and not find_bootstrap_address(None):
+        found = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+        if not found:
             raise InputError("ray.address", "auto", "no Ray cluster runs on this machine; start one with "
                              "`ray start --head` (or `ray up ray_cluster.yaml`) or give its host:port")  # fmt: skip
+        if not found.startswith("ray://"):
+            check_auth("auto", found, reply_s)
         return
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
@@ -88,6 +101,88 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
             "ray.address", address, f"no Ray cluster answers there ({why} after at most {timeout:.0f} s); "
             "check the head's address and port (ray start --head prints them) and that the port is reachable"
         ) from None  # fmt: skip
+    if not address.startswith("ray://"):  # Ray Client addresses are not the GCS: ray.init checks those
+        check_auth(address, hostport, reply_s)
+
+
+@contextlib.contextmanager
+def _quiet_stderr(still_busy: Callable[[], bool]) -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block (output of native code included). If
+    `still_busy()` at the end (a native thread that may go on logging), fd 2 stays quiet and Python's
+    `sys.stderr` moves to a copy of the real one, so the process's own messages still show."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        if still_busy():
+            sys.stderr = os.fdopen(saved, "w", buffering=1)
+        else:
+            os.dup2(saved, 2)
+            os.close(saved)
+        os.close(null)
+
+
+def token_source() -> str | None:
+    """Where this machine's Ray auth token comes from, in Ray's own order (RAY_AUTH_TOKEN, the file at
+    RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); None when there is none. The token itself is never read
+    into a message."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        p = Path(path).expanduser()
+        try:
+            ok = p.stat().st_size > 0
+        except OSError:
+            ok = False
+        if not ok:
+            raise InputError("RAY_AUTH_TOKEN_PATH", path, "cannot be read or is empty; " + AUTH_HINT)
+        return str(p)
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() and default.stat().st_size > 0 else None
+
+
+def check_auth(address: str, gcs_address: str, reply_s: float = 10.0) -> None:
+    """Ask the head's GCS for its cluster id the way ray.init will (with this machine's token, if
+    any) and refuse in one line when it requires a token that is missing or not the cluster's."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    source = None if mode == "disabled" else token_source()
+    if mode == "token" and source is None:  # ray.init would abort the process
+        raise InputError("RAY_AUTH_MODE", "token", "no Ray auth token was found here; " + AUTH_HINT)
+    if source is not None and mode != "token":
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"  # this process and everything it starts sends the token
+        Config.initialize("")
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    outcome: dict[str, BaseException | None] = {}
+
+    def ask() -> None:
+        try:
+            GcsClient(address=gcs_address)
+            outcome["error"] = None
+        except BaseException as e:
+            outcome["error"] = e
+
+    probe = threading.Thread(target=ask, name="dnad-gcs-probe", daemon=True)
+    with _quiet_stderr(
+        probe.is_alive
+    ):  # the GCS client logs each refused attempt from C++; our one line says it
+        probe.start()
+        probe.join(reply_s)
+    if "error" not in outcome:
+        raise InputError("ray.address", address, f"something listens there but no Ray head answered within "
+                         f"{reply_s:.0f} s; check that it is the head's GCS port (ray start --head prints it)")  # fmt: skip
+    error = outcome["error"]
+    if isinstance(error, AuthenticationError):
+        why = "no token was found here" if source is None else f"the token from {source} is not the cluster's"
+        raise InputError(
+            "ray.address", address, f"the cluster requires authentication and {why}; {AUTH_HINT}"
+        )
 
 
 def cluster_nodes() -> list[dict[str, float]]:

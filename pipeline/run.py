@@ -64,9 +64,9 @@ def resolve(args: argparse.Namespace):
     out = Path(args.output or cfg.output or f"runs/{name}{'-smoke' if args.smoke_test else ''}").resolve()
     cfg = cfg.model_copy(update={"output": str(out)})
     explicit = {o.partition("=")[0] for o in args.overrides}
+    check_address(cfg.ray.address)  # a cluster that is not there or refuses us: one line within seconds
     pre = check_all(cfg, out, args.fresh, explicit)
     check_local_resources(pre.cfg)  # a request this machine can never hold: refused before Ray starts
-    check_address(pre.cfg.ray.address)  # a cluster that is not there: one line within seconds
     return pre, out
 
 
