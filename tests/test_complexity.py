@@ -90,7 +90,9 @@ def test_a_registered_op_is_costed_searched_and_drawn(custom_op):
 
     macs, params = op_cost(custom_op, 8, 8, 1, 8, affine=True)
     assert macs == 8 * 8 * 9 * 8 * 8 and params == 8 * 8 * 9 + 2 * 8
-    net = SuperNet(C=4, num_cells=3, num_classes=5, in_channels=3, image_size=16, ops=(custom_op, "skip_connect"))
+    net = SuperNet(
+        C=4, num_cells=3, num_classes=5, in_channels=3, image_size=16, ops=(custom_op, "skip_connect")
+    )
     w = relative_cost_weights(net, "macs")
     assert torch.isfinite(w).all() and w.shape == net.cost_weight.shape
     assert net(torch.randn(2, 3, 16, 16)).shape == (2, 5)

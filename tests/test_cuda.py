@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from presets import tiny_data, tiny_retrain, tiny_search
 from torch import nn
 
 from dnad.checkpoint import load_checkpoint, save_checkpoint
@@ -14,7 +15,6 @@ from dnad.data import load_dataset
 from dnad.distill import ResNetTeacher
 from dnad.fastops import IMPLS, DepthwiseConv2d
 from dnad.network import build_model
-from dnad.presets import tiny_data, tiny_retrain, tiny_search
 from dnad.reference import textbook
 from dnad.retrain import RetrainLoop
 from dnad.strategies.snps import SearchLoop

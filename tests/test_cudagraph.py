@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from presets import tiny_data, tiny_retrain, tiny_search
 from torch import nn
 
 from dnad.cudagraph import FunctionalUpdate, unsupported_reason
 from dnad.data import load_dataset
 from dnad.genotype import Genotype
 from dnad.network import build_model
-from dnad.presets import tiny_data, tiny_retrain, tiny_search
 from dnad.retrain import GRAPH_WARMUP_STEPS, RetrainLoop
 from dnad.strategies.snps import SearchLoop
 

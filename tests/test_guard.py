@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from presets import tiny_data, tiny_retrain, tiny_search
 
 from dnad.checkpoint import load_checkpoint, save_checkpoint
 from dnad.data import load_dataset
 from dnad.errors import DivergenceError
 from dnad.genotype import Genotype
 from dnad.network import build_model
-from dnad.presets import tiny_data, tiny_retrain, tiny_search
 from dnad.retrain import RetrainLoop
 from dnad.strategies.snps import SearchLoop
 

@@ -1,12 +1,12 @@
 import pytest
 import torch
+from presets import tiny_data, tiny_retrain, tiny_search
 
 from dnad.checkpoint import load_checkpoint, save_checkpoint
 from dnad.config import DistillConfig
 from dnad.data import load_dataset
 from dnad.distill import ResNetTeacher
 from dnad.network import build_model
-from dnad.presets import tiny_data, tiny_retrain, tiny_search
 from dnad.retrain import RetrainLoop
 from dnad.strategies.snps import SearchLoop
 

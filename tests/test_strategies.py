@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from presets import tiny_search
 
 from dnad.config import DataConfig, SearchConfig
 from dnad.data import load_dataset
 from dnad.genotype import Genotype
-from dnad.presets import tiny_search
 from dnad.search import STRATEGIES, EpochSearch, make_search, register_strategy, strategy_class, uses_teacher
 from dnad.strategies.darts import DartsSearch
 from dnad.strategies.random_search import dense_genotype
