@@ -8,6 +8,7 @@ threads). Which architectures become trials, and when, is `pipeline.stream`'s bu
                                     retried or resumed trial continues from the newest valid one
     retrain/<key>.jsonl             per-epoch records (.progress.jsonl: within-epoch rows, display only)
     retrain/<key>.result.json       written last: status, accuracies, timing (present = finished)
+    retrain/<key>.error             the last attempt's error, one line (what a finally failed trial reports)
     models/<arch_id>/               the model folder (repeat 0 only), written before the result
 
 `<key>` is the arch id, with `-r<k>` for repeat k (`retrain.repeats`, seed `retrain.seed + k`). The
@@ -47,6 +48,18 @@ def read_result(out: Path, key: str) -> dict[str, Any] | None:
 
 def write_result(out: Path, key: str, row: dict[str, Any]) -> None:
     atomic_write_text(result_path(out, key), json.dumps(row, default=float))
+
+
+def error_path(out: Path, key: str) -> Path:
+    return Path(out) / "retrain" / f"{key}.error"
+
+
+def last_error(out: Path, key: str) -> str | None:
+    """The one-line error of the trial's last failed attempt, if it recorded one."""
+    try:
+        return error_path(out, key).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
@@ -122,6 +135,16 @@ def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
     tune.report(metrics(loop, done=True))
 
 
-def retrain_entry(config: dict[str, Any], ctx: RunContext) -> None:
-    """The Tune trainable: `retrain_trial` on the trial's architecture (`config["arch"]`)."""
-    retrain_trial(config["arch"], ctx)
+def retrain_attempt(config: dict[str, Any], ctx: RunContext) -> None:
+    """`retrain_trial`, recording the error of an attempt that raises (in one line, beside the trial's
+    checkpoints) before Tune retries it or gives up: the driver reports that line, not whatever of
+    the worker's traceback has reached it when Tune calls back."""
+    from pipeline.progress import one_line
+
+    key = trial_key(config["arch_id"], int(config.get("repeat", 0)))
+    try:
+        retrain_trial(config, ctx)
+    except Exception as e:
+        atomic_write_text(error_path(ctx.out, key), one_line(e) + "\n")
+        raise
+    error_path(ctx.out, key).unlink(missing_ok=True)

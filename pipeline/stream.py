@@ -195,15 +195,17 @@ def _callback_class():
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             from pipeline.progress import one_line
-            from pipeline.retrain import write_result
+            from pipeline.retrain import last_error, write_result
 
             if "arch" not in trial.config:  # a search records its own failure (pipeline.search)
                 self.publish()
                 return
             a = trial.config["arch"]
-            text = trial.get_error() or "the trial failed"  # the worker's traceback text
-            error = one_line(RuntimeError(str(text)))
-            write_result(self.ctx.out, trial_key(a["arch_id"], int(a.get("repeat", 0))), {
+            key = trial_key(a["arch_id"], int(a.get("repeat", 0)))
+            error = last_error(self.ctx.out, key)  # the trial's own record of its last attempt
+            if error is None:  # it died before it could write one (killed, out of memory)
+                error = one_line(RuntimeError(str(trial.get_error() or "the trial failed")))
+            write_result(self.ctx.out, key, {
                 "arch_id": a["arch_id"], "repeat": int(a.get("repeat", 0)), "status": "failed", "error": error,
             })  # fmt: skip
             self.publish()
@@ -213,6 +215,8 @@ def _callback_class():
 
 def clear_failures(out: Path) -> None:
     """Failed trials of an earlier run of this command get another chance (their record goes)."""
+    for f in Path(out).glob("retrain/*.error"):
+        f.unlink(missing_ok=True)
     for f in Path(out).glob("retrain/*.result.json"):
         try:
             if json.loads(f.read_text()).get("status") != "ok":
@@ -231,9 +235,9 @@ def run_trial(config: dict[str, Any], ctx: RunContext, teacher_path: str | None)
         except Exception:
             pass  # recorded in search/<trial>/result.json
         return
-    from pipeline.retrain import retrain_trial
+    from pipeline.retrain import retrain_attempt
 
-    retrain_trial(config["arch"], ctx)
+    retrain_attempt(config["arch"], ctx)
 
 
 def trial_resources(config: dict[str, Any], retrain: dict[str, float]):
