@@ -33,6 +33,9 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "TUNE_MAX_PENDING_TRIALS_PG": "4",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # quicker start/stop of short runs
+    # Ctrl-C is a KeyboardInterrupt here (Tune's own handler would end fit() as if the trials had
+    # stopped, and the run would read as failed): the driver stops, the trials' checkpoints stay
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 # a Tune trial that only drives a TorchTrainer reserves (almost) nothing: its workers hold the CPUs/GPUs
 DRIVER_TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}
@@ -145,19 +148,38 @@ def token_source() -> str | None:
 
 
 def check_auth(address: str, gcs_address: str, reply_s: float = 10.0) -> None:
-    """Ask the head's GCS for its cluster id the way ray.init will (with this machine's token, if
-    any) and refuse in one line when it requires a token that is missing or not the cluster's."""
+    """Ask the head's GCS for its cluster id the way ray.init will and refuse in one line when it
+    requires a token that is missing or not the cluster's. Token mode is turned on for this process
+    (and what it starts) only when the cluster asks for it and a token is found here: a driver that
+    sends a token to an open cluster connects, but its trials' actors never start there."""
     mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
     source = None if mode == "disabled" else token_source()
     if mode == "token" and source is None:  # ray.init would abort the process
         raise InputError("RAY_AUTH_MODE", "token", "no Ray auth token was found here; " + AUTH_HINT)
-    if source is not None and mode != "token":
+    from ray.exceptions import AuthenticationError
+
+    error = _probe_gcs(address, gcs_address, reply_s)
+    if isinstance(error, AuthenticationError) and source is not None and mode != "token":
         from ray._raylet import Config
 
         os.environ["RAY_AUTH_MODE"] = "token"  # this process and everything it starts sends the token
         Config.initialize("")
+        error = _probe_gcs(address, gcs_address, reply_s)
+    if isinstance(error, AuthenticationError):
+        if mode == "disabled":
+            why = "RAY_AUTH_MODE=disabled is set here"
+        elif source is None:
+            why = "no token was found here"
+        else:
+            why = f"the token from {source} is not the cluster's"
+        raise InputError(
+            "ray.address", address, f"the cluster requires authentication and {why}; {AUTH_HINT}"
+        )
+
+
+def _probe_gcs(address: str, gcs_address: str, reply_s: float) -> BaseException | None:
+    """Connect a GCS client in this process's auth mode: None, or the error it raised (bounded)."""
     from ray._raylet import GcsClient
-    from ray.exceptions import AuthenticationError
 
     outcome: dict[str, BaseException | None] = {}
 
@@ -169,20 +191,13 @@ def check_auth(address: str, gcs_address: str, reply_s: float = 10.0) -> None:
             outcome["error"] = e
 
     probe = threading.Thread(target=ask, name="dnad-gcs-probe", daemon=True)
-    with _quiet_stderr(
-        probe.is_alive
-    ):  # the GCS client logs each refused attempt from C++; our one line says it
+    with _quiet_stderr(probe.is_alive):  # the GCS client logs each refused attempt from C++
         probe.start()
         probe.join(reply_s)
     if "error" not in outcome:
         raise InputError("ray.address", address, f"something listens there but no Ray head answered within "
                          f"{reply_s:.0f} s; check that it is the head's GCS port (ray start --head prints it)")  # fmt: skip
-    error = outcome["error"]
-    if isinstance(error, AuthenticationError):
-        why = "no token was found here" if source is None else f"the token from {source} is not the cluster's"
-        raise InputError(
-            "ray.address", address, f"the cluster requires authentication and {why}; {AUTH_HINT}"
-        )
+    return outcome["error"]
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -304,6 +319,28 @@ def torch_trainer(
 
 
 # -- worker side --------------------------------------------------------------------------------
+def fit_off_main_thread(trainer: Any) -> Any:
+    """`trainer.fit()` of a Ray Train trainer run by the driver itself (the teacher), in a thread. On
+    the main thread Ray Train V2 installs a SIGINT handler of its own and never restores it, so a later
+    Ctrl-C (during the searches) would no longer stop the run. Here Ctrl-C raises KeyboardInterrupt
+    in the main thread at any time; `ray.shutdown()` (pipeline/run.py) stops the fit's actors."""
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the caller's thread, unchanged
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="dnad-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def worker_setup(threads: int, use_gpu: bool):
     """Torch threads and device of a Ray worker / trial."""
     import torch

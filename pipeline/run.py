@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_stages(ctx, pre.resuming, t0, pre.notes)
     except InputError as e:
         return fail(e)
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            f"interrupted: what has finished is kept; the same command resumes the run ({out})\n"
+        )
+        return 130
     except Exception as e:  # a stage failed: one line here, the traceback in the run folder
         log = ctx.out / "error.log"
         log.write_text(traceback.format_exc())

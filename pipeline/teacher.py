@@ -134,7 +134,7 @@ def teacher_worker(config: dict[str, Any]) -> None:
 
 
 def _train(ctx: RunContext, dest: Path) -> None:
-    from pipeline.raytools import torch_trainer
+    from pipeline.raytools import fit_off_main_thread, torch_trainer
 
     cfg, res = ctx.cfg, ctx.resources
     assert res is not None
@@ -155,7 +155,7 @@ def _train(ctx: RunContext, dest: Path) -> None:
     with Progress(
         "teacher", EPOCH_SCALE * epochs, metrics_path.parent, units, describe_epoch_row, scale=EPOCH_SCALE
     ):
-        result = trainer.fit()
+        result = fit_off_main_thread(trainer)  # keeps Ctrl-C a KeyboardInterrupt afterwards
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         result.checkpoint.to_directory(tmp)
         shutil.rmtree(dest, ignore_errors=True)

@@ -1,7 +1,11 @@
 """The search on a two-node Ray cluster (ray.cluster_utils.Cluster on this machine): one DDP worker per
-node, gloo across nodes, joined through `--address` like a real cluster."""
+node, gloo across nodes, joined through `--address` like a real cluster. The cluster does not ask for
+a token while this machine has one (as any machine that ever started a local Ray 2.60 does, in
+~/.ray/auth_token): the driver must not turn token mode on for it (its trials would never start)."""
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +31,11 @@ def test_search_runs_on_two_nodes_with_one_worker_each(tmp_path):
             "--address", cluster.address, "ray.workers=2", "ray.cpus_per_worker=1", "sweep.temperature=[]",
             "search.distill.enabled=false", "search.batch_size=16",
         ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        token = tmp_path / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+        env["RAY_AUTH_TOKEN_PATH"] = str(token)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finally:
         cluster.shutdown()

@@ -70,6 +70,24 @@ def kill_run(proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+def interrupt_run(proc: subprocess.Popen, log: Path) -> None:
+    """Ctrl-C (SIGINT to the run's process group, as a terminal sends it): the run stops within a
+    minute with exit code 130 and one line saying how to resume, and leaves no process behind."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_run(proc)
+        pytest.fail(f"Ctrl-C did not stop the run within 60 s:\n{log.read_text()[-3000:]}")
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted: what has finished is kept; the same command resumes the run" in text
+    deadline = time.monotonic() + 30
+    while session_pids(proc.pid):
+        assert time.monotonic() < deadline, f"processes left after Ctrl-C: {session_pids(proc.pid)}"
+        time.sleep(0.2)
+
+
 def wait_for(what: str, cond: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -164,10 +182,10 @@ def assert_same_architectures(got: pd.DataFrame, want: pd.DataFrame) -> None:
 def test_kill_mid_epoch_at_epoch_end_and_while_searching_and_retraining_then_resume_matches(
     smoke_run, tmp_path
 ):
-    """SIGKILL the whole run three times — (a) in the middle of a search epoch, (b) right when a search
-    epoch checkpoint lands in Ray storage, (c) while a search and the retraining of its emissions run
-    together (three Ray CPUs: the two searches hold one each, the third retrains) after a trial finished —
-    and run the same command again each time. The result equals the uninterrupted (staged, two-CPU) run
+    """Stop the whole run three times — SIGKILL (a) in the middle of a search epoch, Ctrl-C (b) right
+    when a search epoch checkpoint lands in Ray storage, SIGKILL (c) while a search and the retraining
+    of its emissions run together (three Ray CPUs: the two searches hold one each, the third retrains)
+    after a trial finished — and run the same command again each time. The result equals the uninterrupted (staged, two-CPU) run
     of the fixture; finished work is not redone, unfinished trials resume from their own checkpoints."""
     cache, out, log = smoke_run.parent / "teacher-cache", tmp_path / "run", tmp_path / "console.log"
     spare = ("ray.num_cpus=3",)
@@ -185,11 +203,11 @@ def test_kill_mid_epoch_at_epoch_end_and_while_searching_and_retraining_then_res
     assert logged > STEPS_PER_EPOCH * saved_epochs >= STEPS_PER_EPOCH  # steps past the checkpoint: lost
     assert not (out / "search" / "t00" / "emissions.json").exists()
 
-    # (b) epoch boundary: a new epoch checkpoint of t00 appears in Ray storage
+    # (b) epoch boundary: a new epoch checkpoint of t00 appears in Ray storage; stopped with Ctrl-C
     before = set(ray_checkpoints(out, "t00"))
     proc = launch(out, cache, log, extra=spare)
     wait_for("a new search checkpoint", lambda: set(ray_checkpoints(out, "t00")) - before != set(), proc, log)
-    kill_run(proc)
+    interrupt_run(proc, log)
 
     # (c) overlap: a retraining trial has finished while a search still runs (or, on a slow machine,
     # at least one trial is done and another one not)
