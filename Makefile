@@ -40,7 +40,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: setup browser lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 run: setup
 	$(PY) pipeline/run.py $(ARGS)

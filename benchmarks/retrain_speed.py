@@ -1,11 +1,16 @@
-"""Training speed of a derived network through the retrain loop (`dnad.retrain.RetrainLoop`), with each
-step replayed as a CUDA graph (`retrain.cuda_graph=auto`, the default on a GPU) and eagerly (`off`).
+"""Training speed of a derived network: dnad's retrain loop against a plain PyTorch loop of the same
+network and optimizer, timed alternately in one process (the ratio is what holds from day to day).
 
-    python benchmarks/retrain_speed.py --device cuda --genotype configs/teachers/darts_v2_5cells.json \
-        --C 7 --batch 1024 --steps 40
+    python benchmarks/retrain_speed.py [--genotype benchmarks/genotypes/quick_densest.json] [--C 8]
+        [--batch 64] [--steps 30] [--rounds 3] [--threads 1] [--device cpu|cuda] [--modes ...]
 
-prints one JSON line per mode: img_per_s (median over the timed epochs' steps, warm-up and capture
-excluded), the architecture's params and MACs, and the settings. Synthetic 1×28×28 images, 10 classes.
+dnad: `dnad.retrain.RetrainLoop` epochs (images/s of its training part, from the epoch records: batch
+preparation, forward, loss, backward, clipping, the optimizer, the non-finite guard; on CUDA each
+step as a CUDA graph with `--cuda-graph auto`). plain: the same architecture written the textbook
+way (`dnad.reference.textbook`: each edge's own forward, plain `F.conv2d` depthwise kernels, NCHW)
+and the same optimizer in a loop of zero_grad / forward / cross-entropy / backward / clip / step.
+The two alternate epoch by epoch (`--rounds` of each after one untimed warm-up epoch each). Prints one
+JSON line per mode with images/s and `ratio_vs_plain`. Synthetic 1×28×28 images, 10 classes.
 """
 
 from __future__ import annotations
@@ -13,86 +18,96 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dnad.complexity import count_complexity
 from dnad.config import DataConfig, RetrainConfig
 from dnad.data import load_dataset
+from dnad.fastops import reference_kernels
 from dnad.genotype import Genotype
 from dnad.network import build_model
-from dnad.retrain import RetrainLoop
+from dnad.reference import textbook
+from dnad.retrain import RetrainLoop, make_optimizer
 
 
-def measure(genotype: Genotype, a: argparse.Namespace, mode: str) -> dict:
-    data = load_dataset(
-        DataConfig(dataset="fake", image_size=a.size, channels=a.channels, num_classes=10,
-                   fake_size=a.batch * a.steps, augment=True)
-    )  # fmt: skip
+def plain_epoch(model, opt, batches, epoch: int, steps: int, device: str, clip: float) -> float:
+    """Images/s of one textbook training epoch (NCHW, plain kernels)."""
+    model.train()
+    seen, t0 = 0, time.perf_counter()
+    with reference_kernels():
+        for b, (x, y) in enumerate(batches.iterate(epoch)):
+            if b >= steps:
+                break
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            seen += len(y)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
+    data = load_dataset(DataConfig(dataset="fake", image_size=a.size, channels=a.channels, num_classes=10,
+                                   fake_size=a.batch * a.steps + 16, val_size=16, augment=False))  # fmt: skip
     torch.manual_seed(0)
-    model = build_model(genotype, a.C, 10, a.channels, a.size, auxiliary=a.auxiliary > 0)
-    cfg = RetrainConfig(C=a.C, epochs=a.epochs, batch_size=a.batch, optimizer=a.optimizer, lr=1e-3,
-                        auxiliary_weight=a.auxiliary, drop_path=0.0, cuda_graph=mode, eval_every=0)  # fmt: skip
-    loop = RetrainLoop(cfg, model, data, a.device)
-    times: list[float] = []
-    orig = loop._step
-
-    def timed(x, y, lr):
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        r = orig(x, y, lr)  # every step reads its loss back, so it has finished when this returns
-        times.append(time.perf_counter() - t0)
-        return r
-
-    loop._step = timed  # type: ignore[method-assign]
-    t0 = time.perf_counter()
-    loop.run()
-    wall = time.perf_counter() - t0
-    timed_steps = sorted(times[a.steps :])  # the first epoch holds the warm-up and the capture
-    med = timed_steps[len(timed_steps) // 2]
+    model = build_model(genotype, a.C, 10, a.channels, a.size)
+    ref = textbook(model).to(a.device)
+    epochs = a.rounds + 1
+    cfg = RetrainConfig(C=a.C, epochs=epochs, batch_size=a.batch, optimizer=a.optimizer, lr=1e-3,
+                        auxiliary_weight=0.0, drop_path=0.0, eval_every=0, **extra)  # fmt: skip
+    loop = RetrainLoop(cfg, model, data, a.device, test=False)
+    ref_opt = make_optimizer(cfg, ref)
+    mine, theirs = [], []
+    for e in range(epochs):  # alternate: a dnad epoch, a plain epoch; the first of each is warm-up
+        mine.append(loop.run_epoch()["img_per_s"])
+        theirs.append(plain_epoch(ref, ref_opt, loop.train_batches, e, a.steps, a.device, cfg.grad_clip))
+    m, t = statistics.median(mine[1:]), statistics.median(theirs[1:])
     c = count_complexity(model.cpu(), (a.channels, a.size, a.size))
     return {
-        "mode": mode, "img_per_s": round(a.batch / med, 1), "median_step_ms": round(1e3 * med, 2),
-        "first_epoch_s": round(sum(times[: a.steps]), 2), "wall_s": round(wall, 1),
-        "graph_used": loop._static is not None and (a.device != "cuda" or loop._static.graph is not None),
-        "params": c.params, "macs": c.macs, "C": a.C, "batch": a.batch, "steps_per_epoch": a.steps,
-        "epochs": a.epochs, "optimizer": a.optimizer, "device": a.device,
-        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "img_per_s": round(m, 1), "plain_img_per_s": round(t, 1), "ratio_vs_plain": round(m / t, 2),
+        "first_epoch_img_per_s": round(mine[0], 1), **extra, "params": c.params, "macs": c.macs, "C": a.C,
+        "batch": a.batch, "steps_per_epoch": a.steps, "rounds": a.rounds, "optimizer": a.optimizer,
+        "threads": torch.get_num_threads(), "device": a.device,
+        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
     }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--genotype", default="configs/teachers/darts_v2_5cells.json", help="genotype JSON file")
-    ap.add_argument("--C", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=20, help="steps per epoch")
-    ap.add_argument("--epochs", type=int, default=2, help="the first is warm-up (untimed)")
+    ap.add_argument(
+        "--genotype", default="benchmarks/genotypes/quick_densest.json", help="genotype JSON file"
+    )
+    ap.add_argument("--C", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=30, help="steps per epoch")
+    ap.add_argument("--rounds", type=int, default=3, help="timed epochs of each, alternating")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    ap.add_argument("--auxiliary", type=float, default=0.0, help="auxiliary-head weight (0 = no head)")
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--modes", nargs="+", default=["auto", "off"], choices=["auto", "off"])
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cuda-graph", nargs="+", default=["auto"], choices=["auto", "off"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a retrain trial's CPU: 1)")
     a = ap.parse_args(argv)
-    if a.epochs < 2:
-        ap.error("--epochs must be at least 2 (the first is not timed)")
     if a.device == "cuda" and not torch.cuda.is_available():
         print(f"error: --device cuda: no CUDA device is visible here (value {a.device!r}); use --device cpu")
         return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
     genotype = Genotype.from_json(Path(a.genotype).read_text())
-    for mode in a.modes:
-        print(json.dumps(measure(genotype, a, mode)), flush=True)
+    for graph in a.cuda_graph:
+        print(json.dumps(measure(genotype, a, {"cuda_graph": graph})), flush=True)
     return 0
 
 

@@ -4,6 +4,12 @@
 
 prints one JSON line: img_per_s_dense, img_per_s_half (a fixed seeded half of the pairs deleted),
 peak_rss_mb, plus the settings and the machine. `--profile` adds a per-op breakdown.
+
+`ratio_vs_textbook_dense` / `_half`: the same step of the same super-network written the textbook way
+(`dnad.reference`: each op's own forward, Σ w·op(x) per node, plain `F.conv2d` depthwise kernels, NCHW),
+timed in the same process, alternating block by block with dnad's step (`--rounds` blocks of `--steps`
+steps each), so that the machine's speed of the moment cancels out of the ratio. `--textbook off`
+skips it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import json
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dnad.fastops import preferred_format, reference_kernels
+from dnad.reference import textbook
 from dnad.supernet import SuperNet
 
 PRESETS = {
@@ -33,9 +41,14 @@ PRESETS = {
 }
 
 
-def step_time(net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> float:
-    w_opt = torch.optim.Adam(net.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4)
-    a_opt = torch.optim.SGD(net.arch_parameters(), lr=0.2)
+def step_times(
+    net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, opts=None
+) -> list[float]:
+    """Seconds of each of `steps` training steps after `warmup` untimed ones (`opts`: reuse optimizers)."""
+    w_opt, a_opt = opts or (
+        torch.optim.Adam(net.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
+        torch.optim.SGD(net.arch_parameters(), lr=0.2),
+    )
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -52,8 +65,35 @@ def step_time(net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmu
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return times
+
+
+def step_time(net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> float:
+    """Median seconds of a training step."""
+    return statistics.median(step_times(net, x, y, steps, warmup))
+
+
+RSS: dict[str, float] = {}
+
+
+def alternating(net: SuperNet, ref: SuperNet, x: torch.Tensor, y: torch.Tensor, a) -> tuple[float, float]:
+    """Median step seconds of dnad's `net` and of the textbook `ref`, timed in alternating blocks."""
+    mine, theirs = [], []
+    xr = x.contiguous(memory_format=torch.contiguous_format)
+    opts = {}
+    for r in range(a.rounds):
+        mine += step_times(net, x, y, a.steps, a.warmup if r == 0 else 0, opts.get("m"))
+        if r == 0:
+            RSS["dnad"] = max(RSS.get("dnad", 0.0), peak_rss_mb())  # before the textbook net has run
+        with reference_kernels():
+            theirs += step_times(ref, xr, y, a.steps, a.warmup if r == 0 else 0, opts.get("t"))
+        opts = opts or {
+            "m": (torch.optim.Adam(net.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
+                  torch.optim.SGD(net.arch_parameters(), lr=0.2)),
+            "t": (torch.optim.Adam(ref.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
+                  torch.optim.SGD(ref.arch_parameters(), lr=0.2)),
+        }  # fmt: skip
+    return statistics.median(mine), statistics.median(theirs)
 
 
 def delete_half(net: SuperNet, seed: int = 0) -> int:
@@ -77,6 +117,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true", help="print a per-op profile of one dense step")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating blocks of dnad / textbook steps")
+    ap.add_argument("--textbook", choices=("on", "off"), default="on", help="time the textbook network too")
     ap.add_argument(
         "--kernels", choices=("dnad", "plain"), default="dnad",
         help="depthwise convolutions: dnad's dispatch (dnad.fastops) or plain F.conv2d everywhere",
@@ -106,17 +148,31 @@ def main() -> None:
             F.cross_entropy(net(x), y).backward()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
         net.zero_grad(set_to_none=True)
+    ratios = {}
     with reference_kernels() if a.kernels == "plain" else contextlib.nullcontext():
-        dense = step_time(net, x, y, a.steps, a.warmup)
-        rss_dense = peak_rss_mb()
+        if a.textbook == "on":
+            ref = textbook(net)
+            dense, ref_dense = alternating(net, ref, x, y, a)
+        else:
+            dense = step_time(net, x, y, a.steps, a.warmup)
+        rss_dense = RSS.get("dnad", peak_rss_mb())
         deleted = delete_half(net)
-        half = step_time(net, x, y, a.steps, a.warmup)
+        if a.textbook == "on":
+            delete_half(ref)
+            half, ref_half = alternating(net, ref, x, y, a)
+            ratios = {"ratio_vs_textbook_dense": round(ref_dense / dense, 2),
+                      "ratio_vs_textbook_half": round(ref_half / half, 2),
+                      "textbook_img_per_s_dense": round(p["batch"] / ref_dense, 2),
+                      "textbook_img_per_s_half": round(p["batch"] / ref_half, 2)}  # fmt: skip
+        else:
+            half = step_time(net, x, y, a.steps, a.warmup)
     out = {
         "preset": a.preset, "device": str(dev), "threads": a.threads, "batch": p["batch"],
         "layout": "channels_last" if fmt == torch.channels_last else "nchw", "kernels": a.kernels,
-        "img_per_s_dense": round(p["batch"] / dense, 2), "img_per_s_half": round(p["batch"] / half, 2),
+        "img_per_s_dense": round(p["batch"] / dense, 2), "img_per_s_half": round(p["batch"] / half, 2), **ratios,
         "step_s_dense": round(dense, 4), "step_s_half": round(half, 4), "pairs_deleted": deleted,
-        "pairs_total": int(net.alpha.numel()), "peak_rss_mb": round(max(rss_dense, peak_rss_mb()), 1),
+        "pairs_total": int(net.alpha.numel()),
+        "peak_rss_mb": round(rss_dense if a.textbook == "on" else max(rss_dense, peak_rss_mb()), 1),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None,
