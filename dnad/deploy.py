@@ -208,34 +208,48 @@ def model_folders(output_dir: str | Path) -> dict[str, Path]:
 
 
 # -- ONNX --------------------------------------------------------------------------------------
-def export_onnx(model: nn.Module, path: str | Path, opset: int = ONNX_OPSET) -> dict[str, Any]:
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, opset: int = ONNX_OPSET, exporter: str = "dynamo"
+) -> dict[str, Any]:
     """Export an eval-mode network to ONNX with a dynamic batch axis (input "input", output "logits").
 
-    Runs under `reference_kernels()` (plain convolutions: the CPU fast paths are PyTorch-level
-    rewrites of the same math). Written atomically. Returns what the model card records about it.
+    `exporter`: "dynamo" (torch.export + the onnxscript optimiser: the leaner graph, about 10 % faster
+    in ONNX Runtime here, but 10-20 s per network on one CPU thread) or "torchscript" (the tracing
+    exporter: about 1 s, the same logits). Runs under `reference_kernels()` (plain convolutions: the
+    CPU fast paths are PyTorch-level rewrites of the same math). Written atomically. Returns what the
+    model card records about it.
     """
     import warnings
 
     from dnad.fastops import reference_kernels
 
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
     path = Path(path)
     model = model.eval()
     p = next(model.parameters())
     x = torch.zeros(
         (2, model.in_channels, model.image_size, model.image_size), dtype=p.dtype, device=p.device
     )
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    with reference_kernels(), warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model, (x,), None, input_names=["input"], output_names=["logits"], opset_version=opset,
-            dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-        )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset, "verbose": False}
     try:
-        program.save(tmp)
+        with reference_kernels(), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                batch = torch.export.Dim("batch", min=1, max=1 << 16)
+                program = torch.onnx.export(
+                    model, (x,), None, dynamic_shapes=({0: batch},), dynamo=True, **names
+                )
+                program.save(tmp)
+            else:
+                torch.onnx.export(model, (x,), tmp, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                  dynamo=False, **names)  # fmt: skip
         digest = sha256_file(Path(tmp))
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
@@ -244,7 +258,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = ONNX_OPSET) -> 
         raise
     return {
         "opset": opset, "file": path.name, "sha256": digest,
-        "exporter": f"torch.onnx (dynamo) {torch.__version__}", "input": "input", "output": "logits",
+        "exporter": f"torch.onnx ({exporter}) {torch.__version__}", "input": "input", "output": "logits",
         "dynamic_axes": {"input": [0], "logits": [0]},
     }  # fmt: skip
 

@@ -82,6 +82,12 @@ class DeployConfig(Strict):
 
     onnx: bool = Field(True, description="export models/<arch_id>/model.onnx and time it in ONNX Runtime")
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the export")
+    exporter: Literal["dynamo", "torchscript"] = Field(
+        "dynamo",
+        description="dynamo: torch.export + onnxscript's optimiser (the leaner graph, 10-20 s per network "
+        "on one CPU thread); torchscript: the tracing exporter (about 1 s, the same logits, a slightly "
+        "slower graph)",
+    )
     latency_batch: int = Field(64, ge=1, description="the batch size timed besides batch 1")
     latency_runs: int = Field(50, ge=50, description="timed runs per figure (the median is recorded)")
     latency_warmup: int = Field(10, ge=1, description="untimed runs before timing")

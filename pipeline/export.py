@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", nargs="+", metavar="ID", help="only these architecture ids")
     p.add_argument("--pareto", action="store_true", help="only the architectures on a Pareto front")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the run's deploy.opset)")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default=None,
+                   help="torch.onnx exporter (default: the run's deploy.exporter)")  # fmt: skip
     args = p.parse_args(argv)
     from pipeline.models import run_config
 
     try:
         folders = select_models(args.output, args.arch, args.pareto)
-        opset = args.opset or run_config(args.output).deploy.opset
+        deploy = run_config(args.output).deploy
+        opset, exporter = args.opset or deploy.opset, args.exporter or deploy.exporter
         if not 17 <= opset <= 23:
             raise InputError("--opset", opset, "this exporter writes opsets 17..23")
     except InputError as e:
@@ -71,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(folder)
         except InputError as e:
             return fail(e)
-        info = export_onnx(model, folder / ONNX, opset)
+        info = export_onnx(model, folder / ONNX, opset, exporter)
         info["max_abs_diff_vs_torch"] = check_onnx(model, folder / ONNX)
         card = model.card
         card["onnx"] = info
         write_card(folder, card)
-        print(f"{folder / ONNX}  (opset {opset}, max |onnx - torch| = {info['max_abs_diff_vs_torch']:.2e})")
+        print(
+            f"{folder / ONNX}  ({exporter}, opset {opset}, max |onnx - torch| = {info['max_abs_diff_vs_torch']:.2e})"
+        )
     return 0
 
 

@@ -63,7 +63,7 @@ def export_and_time(
     if onnx_path is not None:
         kept = card.get("onnx") or {}
         if reexport or not onnx_path.is_file() or kept.get("opset") != deploy.opset:
-            card["onnx"] = export_onnx(model, onnx_path, deploy.opset)
+            card["onnx"] = export_onnx(model, onnx_path, deploy.opset, deploy.exporter)
             write_card(folder, card)
         else:
             verify_file(folder, ONNX, kept.get("sha256"))

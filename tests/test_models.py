@@ -19,7 +19,7 @@ import torch
 import dnad
 from dnad.config import DataConfig
 from dnad.data import load_dataset
-from dnad.deploy import CARD, GENOTYPE, ONNX, WEIGHTS, load_model, read_card
+from dnad.deploy import CARD, GENOTYPE, ONNX, WEIGHTS, export_onnx, load_model, read_card
 from dnad.errors import InputError
 from dnad.genotype import Genotype
 from dnad.network import build_model
@@ -151,9 +151,16 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.data
-def test_onnx_matches_pytorch_on_real_test_images_in_a_process_without_dnad(trained, tmp_path):
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_matches_pytorch_on_real_test_images_in_a_process_without_dnad(trained, tmp_path, exporter):
     folder, cfg = trained
     model = load_model(folder)
+    onnx_file = folder / ONNX  # the fixture's folder holds the default (dynamo) export
+    if exporter != "dynamo":
+        onnx_file = tmp_path / "other.onnx"
+        assert export_onnx(model, onnx_file, exporter=exporter)["exporter"].startswith(
+            f"torch.onnx ({exporter})"
+        )
     data = load_dataset(cfg.data)
     x, _ = next(iter(data.iterator("test", 256, seed=0).iterate(0)))  # real images, normalised as trained
     with torch.no_grad():
@@ -161,7 +168,7 @@ def test_onnx_matches_pytorch_on_real_test_images_in_a_process_without_dnad(trai
     np.save(tmp_path / "x.npy", x.numpy())
     (tmp_path / "child.py").write_text(CHILD)
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "child.py"), str(folder / ONNX), str(tmp_path / "x.npy"),
+        [sys.executable, str(tmp_path / "child.py"), str(onnx_file), str(tmp_path / "x.npy"),
          str(tmp_path / "y.npy")],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -260,10 +267,14 @@ def test_export_and_profile_rewrite_a_copy_of_a_run(smoke_run, tmp_path):
     ids = list(before.loc[before["status"] == "ok", "arch_id"])
     onnx_mtime = {a: (run / "models" / a / ONNX).stat().st_mtime_ns for a in ids}
     py = sys.executable
-    proc = subprocess.run([py, str(REPO / "pipeline/export.py"), str(run), "--arch", ids[0], "--opset", "17"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert read_card(run / "models" / ids[0])["onnx"]["exporter"].startswith(
+        "torch.onnx (torchscript)"
+    )  # tiny
+    proc = subprocess.run([py, str(REPO / "pipeline/export.py"), str(run), "--arch", ids[0], "--opset", "17",
+                           "--exporter", "dynamo"], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert read_card(run / "models" / ids[0])["onnx"]["opset"] == 17
+    assert read_card(run / "models" / ids[0])["onnx"]["exporter"].startswith("torch.onnx (dynamo)")
     assert read_card(run / "models" / ids[0])["onnx"]["max_abs_diff_vs_torch"] <= 1e-4
     assert all((run / "models" / a / ONNX).stat().st_mtime_ns == onnx_mtime[a] for a in ids[1:])
     pareto = before[before[["is_pareto_macs", "is_pareto_params", "is_pareto_latency"]].any(axis=1)]

@@ -22,6 +22,8 @@ SHORT = [
     "search.min_steps=40",
     "search.distill.teacher.min_steps=30",
     "retrain.min_steps=30",
+    "deploy.onnx=false",  # ONNX has its own tests (test_models.py); here the data path is the subject
+    "deploy.latency_batch=1",
 ]
 
 
