@@ -318,7 +318,6 @@ def torch_trainer(
     )
 
 
-# -- worker side --------------------------------------------------------------------------------
 def fit_off_main_thread(trainer: Any) -> Any:
     """`trainer.fit()` of a Ray Train trainer run by the driver itself (the teacher), in a thread. On
     the main thread Ray Train V2 installs a SIGINT handler of its own and never restores it, so a later
@@ -341,6 +340,7 @@ def fit_off_main_thread(trainer: Any) -> Any:
     return box["result"]
 
 
+# -- worker side --------------------------------------------------------------------------------
 def worker_setup(threads: int, use_gpu: bool):
     """Torch threads and device of a Ray worker / trial."""
     import torch
