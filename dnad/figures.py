@@ -284,6 +284,7 @@ def cell_figure(genotype: Genotype, title: str | None = None, cols: int = 3) -> 
     fig = make_subplots(rows=nrows, cols=cols, subplot_titles=titles, horizontal_spacing=0.04,
                         vertical_spacing=0.12 / max(nrows, 1) + 0.04)  # fmt: skip
     used_ops: list[str] = []
+    shapes: list[dict[str, Any]] = []  # set once at the end: fig.add_shape copies the layout every call
     for c, cell in enumerate(genotype.cells):
         r, k = divmod(c, cols)
         row, col = r + 1, k + 1
@@ -294,10 +295,10 @@ def cell_figure(genotype: Genotype, title: str | None = None, cols: int = 3) -> 
         pos = {1: 0.0, 0: 1.0, **{s: float(s) for s in range(2, nstates)}}
         out_x = float(nstates)
         if c in reductions:
-            fig.add_shape(
+            shapes.append(dict(
                 type="rect", xref=f"{xref} domain", yref=f"{yref} domain", x0=0, x1=1, y0=0, y1=1,
                 fillcolor="rgba(230, 159, 0, 0.10)", line={"width": 0}, layer="below", name=f"reduction c{c}",
-            )  # fmt: skip
+            ))  # fmt: skip
         apex_x, apex_y, apex_text, apex_color = [], [], [], []
         top = 1.0
         for node_i, node in enumerate(cell):
@@ -313,11 +314,11 @@ def cell_figure(genotype: Genotype, title: str | None = None, cols: int = 3) -> 
                 if op not in used_ops:
                     used_ops.append(op)
                 xm = (x0 + x1) / 2
-                fig.add_shape(
+                shapes.append(dict(
                     type="path", path=f"M {x0},0 Q {xm},{2 * h} {x1},0", xref=xref, yref=yref,
                     line={"color": color, "width": 2.5 if op != "none" else 1}, layer="below",
                     name=f"edge c{c} {src}->{dst} {op}",
-                )  # fmt: skip
+                ))  # fmt: skip
                 apex_x.append(xm)
                 apex_y.append(h)
                 apex_text.append(f"cell {c}: {op}<br>{_state_label(src)} → node {dst}")
@@ -325,10 +326,10 @@ def cell_figure(genotype: Genotype, title: str | None = None, cols: int = 3) -> 
         for s in range(2, nstates):  # output concat
             x0 = pos[s]
             h = -0.18 * (out_x - x0) ** 0.6
-            fig.add_shape(
+            shapes.append(dict(
                 type="path", path=f"M {x0},0 Q {(x0 + out_x) / 2},{2 * h} {out_x},0", xref=xref, yref=yref,
                 line={"color": "#BBBBBB", "width": 1, "dash": "dot"}, layer="below", name=f"concat c{c} {s}",
-            )  # fmt: skip
+            ))  # fmt: skip
         xs = [pos[s] for s in range(nstates)] + [out_x]
         labels = [_state_label(s) for s in range(nstates)] + ["out"]
         fills = ["#DDEEFF", "#DDEEFF"] + ["#FFFFFF"] * (nstates - 2) + ["#E8E8E8"]
@@ -359,6 +360,7 @@ def cell_figure(genotype: Genotype, title: str | None = None, cols: int = 3) -> 
             row=1, col=1,
         )  # fmt: skip
     fig.update_layout(
+        shapes=shapes,
         title=title or f"Cells of {genotype.arch_id} ({genotype.num_pairs} kept pairs)",
         template="plotly_white", height=70 + 240 * nrows, margin={"l": 20, "r": 20, "t": 70, "b": 20},
         legend={"orientation": "h", "y": -0.02, "yanchor": "top"}, hovermode="closest",
