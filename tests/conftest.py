@@ -42,12 +42,16 @@ def weighted_like():
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
-    """One `pipeline/run.py --smoke-test` run folder shared by every test that reads a finished run."""
+    """One `pipeline/run.py --smoke-test` run folder shared by every test that reads a finished run. Three
+    Ray CPUs on this 2-core machine: the two tiny searches hold one each and the third retrains what
+    they emit while they run (test_stream.py checks that overlap on this run; the fault test, at two
+    CPUs, checks that the result does not depend on it)."""
     out = tmp_path_factory.mktemp("smoke") / "run"
     cache = out.parent / "teacher-cache"
     cmd = [sys.executable, str(REPO / "pipeline" / "run.py"), "--smoke-test", "--output", str(out),
-           f"teacher.cache_dir={cache}"]  # fmt: skip
+           "ray.num_cpus=3", f"teacher.cache_dir={cache}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    (out.parent / "console.log").write_text(proc.stdout)  # what the user saw (tests read it)
     if proc.returncode != 0:
         raise RuntimeError(
             f"smoke run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -185,8 +185,9 @@ def test_kill_mid_epoch_at_epoch_end_and_while_searching_and_retraining_then_res
     """Stop the whole run three times — SIGKILL (a) in the middle of a search epoch, Ctrl-C (b) right
     when a search epoch checkpoint lands in Ray storage, SIGKILL (c) while a search and the retraining
     of its emissions run together (three Ray CPUs: the two searches hold one each, the third retrains)
-    after a trial finished — and run the same command again each time. The result equals the uninterrupted (staged, two-CPU) run
-    of the fixture; finished work is not redone, unfinished trials resume from their own checkpoints."""
+    after a trial finished — and run the same command again each time. The result equals the
+    uninterrupted run of the fixture (also three CPUs); finished work is not redone, unfinished trials
+    resume from their own checkpoints."""
     cache, out, log = smoke_run.parent / "teacher-cache", tmp_path / "run", tmp_path / "console.log"
     spare = ("ray.num_cpus=3",)
 
@@ -242,7 +243,9 @@ def test_kill_mid_epoch_at_epoch_end_and_while_searching_and_retraining_then_res
 @pytest.mark.slow
 @pytest.mark.ray
 def test_injected_faults_are_retried_or_recorded(smoke_run, tmp_path):
-    """One run, four faults (pipeline/faults.py, through DNAD_FAULTS):
+    """One run at two Ray CPUs (no slot to spare: retraining waits for a search to end), compared with
+    the fixture's three-CPU run, so that the result is also seen not to depend on the overlap; four
+    faults (pipeline/faults.py, through DNAD_FAULTS):
     - t00's search worker raises once at step 12 -> Ray Train restarts it from its epoch-1 checkpoint
       (FailureConfig) and t00 emits exactly what the fault-free run emitted;
     - t01 diverges (NaN batches from step 20) -> DivergenceError, retried max_failures times, then
@@ -261,7 +264,7 @@ def test_injected_faults_are_retried_or_recorded(smoke_run, tmp_path):
         {"stage": "retrain", "target": always, "at": 0},
         {"stage": "retrain", "target": once, "at": 1, "once": str(tmp_path / "fired-retrain")},
     ]
-    text = complete(out, cache, log, env={"DNAD_FAULTS": json.dumps(faults)})
+    text = complete(out, cache, log, env={"DNAD_FAULTS": json.dumps(faults)}, extra=("ray.num_cpus=2",))
     assert (tmp_path / "fired-search").exists() and (tmp_path / "fired-retrain").exists()
 
     assert_same_emissions(emissions(out, "t00"), emissions(smoke_run, "t00"))

@@ -4,18 +4,15 @@ a smoke run whose first retraining starts while a search still runs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.config import build_config
 from pipeline.context import RunContext
 from pipeline.stream import StreamState
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _ctx(tmp_path: Path, **retrain) -> RunContext:
@@ -104,20 +101,15 @@ def test_front_streams_the_non_dominated_and_the_rest_waits_or_goes(tmp_path, re
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_with_a_spare_slot_retraining_starts_while_a_search_still_runs(smoke_run, tmp_path):
-    """Three Ray CPUs: the two tiny searches hold one each, the third retrains what they emit."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "pipeline/run.py"), "--smoke-test", "--output", str(out), "ray.num_cpus=3",
-           f"teacher.cache_dir={smoke_run.parent / 'teacher-cache'}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    archs = pd.read_parquet(out / "architectures.parquet")
+def test_with_a_spare_slot_retraining_starts_while_a_search_still_runs(smoke_run):
+    """The shared smoke run has three Ray CPUs: the two tiny searches hold one each, the third retrains
+    what they emit. (That its table equals a run without the spare slot is checked by the fault test
+    of test_resilience.py, which runs at two CPUs and compares with this run.)"""
+    assert yaml.safe_load((smoke_run / "config.yaml").read_text())["ray"]["num_cpus"] == 3
+    archs = pd.read_parquet(smoke_run / "architectures.parquet")
     assert (archs["status"] == "ok").all()
     assert archs["retrain_started_at"].min() < archs["search_finished_at"].max()  # the overlap
     assert (archs["emitted_at"] <= archs["retrain_started_at"]).all()
     assert (archs["retrain_started_at"] < archs["retrain_finished_at"]).all()
-    assert "[search] t00 emitted" in proc.stdout and "[retrain] " in proc.stdout  # both on one console
-    # the same architectures and accuracies as the staged, two-CPU run of the fixture (CPU: deterministic)
-    want = pd.read_parquet(smoke_run / "architectures.parquet")
-    assert list(archs["arch_id"]) == list(want["arch_id"])
-    assert list(archs["val_acc"]) == pytest.approx(list(want["val_acc"]), abs=1e-9)
+    console = (smoke_run.parent / "console.log").read_text()
+    assert "[search] t00 emitted" in console and "[retrain] " in console  # both on one console
