@@ -196,6 +196,8 @@ class Board(Progress):
         self.emitted = 0
         self.archs: set[str] = set()
         self.first: dict[str, int] | None = None  # work restored from an earlier run: not in the rates
+        self.t0_wall = time.time()
+        self.r_t0: float | None = None  # when this run's retraining began (Unix time; see retrain_elapsed)
 
     @staticmethod
     def _units(r: Row) -> tuple[str, int]:
@@ -247,6 +249,22 @@ class Board(Progress):
                     f"[retrain] {f.name.removesuffix('.result.json')} failed: {r.get('error')}"
                 )
 
+    def retrain_elapsed(self) -> float:
+        """Seconds since this run's first retraining trial started (its `retrain/<key>.started` marker;
+        a marker left by an earlier run counts from this run's start). The retraining rate is taken over
+        this time, not over the whole run: the minutes of searching before the first trial say nothing
+        about how fast trials finish (they made the first ETA of a staged run several times too long)."""
+        if self.r_t0 is None:
+            starts = []
+            for f in self.out.glob("retrain/*.started"):
+                try:
+                    starts.append(float(json.loads(f.read_text())["started_at"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+            if starts:
+                self.r_t0 = max(min(starts), self.t0_wall)
+        return 0.0 if self.r_t0 is None else max(time.time() - self.r_t0, 0.0)
+
     def line(self) -> str:
         elapsed = time.monotonic() - self.t0
         s_done = {k: v for k, v in self.done.items() if k.startswith("s:")}
@@ -270,7 +288,8 @@ class Board(Progress):
         total = self.known_trials() * self.epochs_per_trial * EPOCH_SCALE
         r_units = min(sum(r_done.values()), total) if total else 0
         r_new = r_units - restored_r
-        r_left = (total - r_units) * elapsed / r_new if r_new > 0 else (None if total > r_units else 0.0)
+        r_elapsed = self.retrain_elapsed() or elapsed
+        r_left = (total - r_units) * r_elapsed / r_new if r_new > 0 else (None if total > r_units else 0.0)
         running = sum(1 for k, v in r_done.items() if v > 0) - len(results)
         left = None if s_left is None or r_left is None else max(s_left, r_left)
         eta = "?" if left is None else fmt_duration(left) + ("+" if searching else "")

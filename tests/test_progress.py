@@ -56,3 +56,31 @@ def test_describe_epoch_row_never_prints_nan():
 
 def test_fmt_duration():
     assert fmt_duration(59) == "0m59s" and fmt_duration(3725) == "1h02m"
+
+
+def test_run_eta_takes_the_retraining_rate_from_the_first_trial_not_the_run_start(tmp_path):
+    """Ten minutes of searching, then one of four one-epoch trials done a minute after the first trial
+    started: three trials' worth is left, about three minutes (not the thirty that the rate over the
+    whole run would give)."""
+    import re
+    import time
+
+    from pipeline.progress import Board
+
+    out = tmp_path
+    board = Board(out, search_steps=10, epochs_per_trial=1, known_trials=lambda: 4, searches=["t00"],
+                  stream=io.StringIO())  # fmt: skip
+    board.t0 -= 600  # the run started ten minutes ago
+    board.t0_wall -= 600
+    board.poll()
+    board.line()  # the baseline: nothing restored
+    _write(out / "search" / "t00" / "metrics.jsonl", [{"trial_id": "t00", "step": 10, "loss": 1.0}])
+    (out / "search" / "t00" / "result.json").write_text(json.dumps({"finished_at": time.time() - 60}))
+    (out / "retrain").mkdir()
+    (out / "retrain" / "a.started").write_text(json.dumps({"started_at": time.time() - 60}))
+    _write(out / "retrain" / "a.jsonl", [{"arch_id": "a", "epoch": 1, "val_acc": 0.5, "test_acc": 0.5}])
+    board.poll()
+    line = board.line()
+    eta = re.search(r"ETA (\d+)m(\d+)s", line)
+    assert eta and 150 <= 60 * int(eta[1]) + int(eta[2]) <= 210, line
+    assert "retrain 1.0/4 epochs" in line and "(1/1 ended)" in line
