@@ -255,12 +255,8 @@ class Board(Progress):
         this time, not over the whole run: the minutes of searching before the first trial say nothing
         about how fast trials finish (they made the first ETA of a staged run several times too long)."""
         if self.r_t0 is None:
-            starts = []
-            for f in self.out.glob("retrain/*.started"):
-                try:
-                    starts.append(float(json.loads(f.read_text())["started_at"]))
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
+            starts = [float(r["started_at"]) for f in self.out.glob("retrain/*.started")
+                      for r in read_jsonl(f)[:1] if "started_at" in r]  # fmt: skip
             if starts:
                 self.r_t0 = max(min(starts), self.t0_wall)
         return 0.0 if self.r_t0 is None else max(time.time() - self.r_t0, 0.0)
