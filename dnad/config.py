@@ -6,9 +6,15 @@ Defaults follow the CIFAR script values of the method spec (`docs/DESIGN.md`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# ONNX export choices, named once (dnad.deploy, the pipeline's deploy config and pipeline/export.py)
+Exporter = Literal["dynamo", "torchscript"]
+EXPORTERS: tuple[str, ...] = get_args(Exporter)
+ONNX_OPSETS = (17, 23)  # the opsets torch.onnx writes here (inclusive)
+ONNX_OPSET = 18  # the default
 
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "imagefolder", "fake"]
 

@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from dnad.checkpoint import atomic_write_text, file_mode, sha256_file
+from dnad.config import EXPORTERS, ONNX_OPSET
 from dnad.errors import InputError
 from dnad.genotype import Genotype
 
 MODEL_FORMAT = 1
 WEIGHTS, CARD, GENOTYPE, ONNX = "model.safetensors", "model.json", "genotype.json", "model.onnx"
-ONNX_OPSET = 18
 MODELS_DIR = "models"
 
 
@@ -208,9 +208,6 @@ def model_folders(output_dir: str | Path) -> dict[str, Path]:
 
 
 # -- ONNX --------------------------------------------------------------------------------------
-EXPORTERS = ("dynamo", "torchscript")
-
-
 def export_onnx(
     model: nn.Module, path: str | Path, opset: int = ONNX_OPSET, exporter: str = "dynamo"
 ) -> dict[str, Any]:

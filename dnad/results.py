@@ -226,8 +226,9 @@ def summary_table(archs: pd.DataFrame) -> str:
 
 
 # -- reading a run that is still going (or crashed half-way) -----------------------------------------
-def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a missing file is empty and a line cut by a crash is skipped."""
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file written by appends: a missing file is empty, and a line cut by a
+    crash (or anything that is not a JSON object) is skipped."""
     if not path.is_file():
         return []
     rows = []
@@ -275,11 +276,9 @@ def retrain_results(
             except (OSError, ValueError):
                 pass
             hist = [
-                r
-                for r in read_jsonl_rows(out / "retrain" / f"{key}.jsonl")
-                if "epoch" in r and "test_acc" in r
+                r for r in read_jsonl(out / "retrain" / f"{key}.jsonl") if "epoch" in r and "test_acc" in r
             ]
-            started = read_jsonl_rows(out / "retrain" / f"{key}.started")
+            started = read_jsonl(out / "retrain" / f"{key}.started")
             if started:
                 row["retrain_started_at"] = started[0].get("started_at")
             if not hist:
@@ -335,7 +334,7 @@ def load_partial_run(output_dir: str | Path) -> RunResults:
     if (out / "search_metrics.parquet").is_file():
         metrics = pd.read_parquet(out / "search_metrics.parquet")
     else:
-        rows = [r for f in sorted(out.glob("search/*/metrics.jsonl")) for r in read_jsonl_rows(f)]
+        rows = [r for f in sorted(out.glob("search/*/metrics.jsonl")) for r in read_jsonl(f)]
         metrics = _tolerant_metrics(rows)
     return RunResults(archs, metrics, config)
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dnad.budget import SearchPlan, plan_retrain, plan_search, steps_per_epoch
-from dnad.config import DataConfig, RetrainConfig, SearchConfig
+from dnad.config import ONNX_OPSET, ONNX_OPSETS, DataConfig, Exporter, RetrainConfig, SearchConfig
 from dnad.errors import InputError
 from pipeline.smoke import smoke_dict
 
@@ -81,8 +81,10 @@ class DeployConfig(Strict):
     """What every retrained architecture gets besides its weights: an ONNX file and measured latency."""
 
     onnx: bool = Field(True, description="export models/<arch_id>/model.onnx and time it in ONNX Runtime")
-    opset: int = Field(18, ge=17, le=23, description="ONNX opset of the export")
-    exporter: Literal["dynamo", "torchscript"] = Field(
+    opset: int = Field(
+        ONNX_OPSET, ge=ONNX_OPSETS[0], le=ONNX_OPSETS[1], description="ONNX opset of the export"
+    )
+    exporter: Exporter = Field(
         "dynamo",
         description="dynamo: torch.export + onnxscript's optimiser (the leaner graph, 10-20 s per network "
         "on one CPU thread); torchscript: the tracing exporter (about 1 s, the same logits, a slightly "

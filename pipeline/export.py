@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repo root replaces pipeline/ on the path, so that
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # pipeline/profile.py hides no stdlib module
 
+from dnad.config import EXPORTERS, ONNX_OPSETS
 from dnad.errors import InputError
 from pipeline.cli import Parser, fail
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", nargs="+", metavar="ID", help="only these architecture ids")
     p.add_argument("--pareto", action="store_true", help="only the architectures on a Pareto front")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the run's deploy.opset)")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default=None,
+    p.add_argument("--exporter", choices=EXPORTERS, default=None,
                    help="torch.onnx exporter (default: the run's deploy.exporter)")  # fmt: skip
     args = p.parse_args(argv)
     from pipeline.models import run_config
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         folders = select_models(args.output, args.arch, args.pareto)
         deploy = run_config(args.output).deploy
         opset, exporter = args.opset or deploy.opset, args.exporter or deploy.exporter
-        if not 17 <= opset <= 23:
-            raise InputError("--opset", opset, "this exporter writes opsets 17..23")
+        if not ONNX_OPSETS[0] <= opset <= ONNX_OPSETS[1]:
+            raise InputError("--opset", opset, "this exporter writes opsets {}..{}".format(*ONNX_OPSETS))
     except InputError as e:
         return fail(e)
     from dnad.deploy import ONNX, export_onnx, load_model, write_card

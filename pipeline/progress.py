@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dnad.checkpoint import atomic_write_text
+from dnad.results import read_jsonl
 
 Row = dict[str, Any]
 
@@ -346,18 +347,6 @@ def append_jsonl(path: Path, row: Row) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row, default=float) + "\n")
-
-
-def read_jsonl(path: Path) -> list[Row]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a crash
-    return rows
 
 
 def rewind_jsonl(path: Path, keep: Callable[[Row], bool]) -> int:
