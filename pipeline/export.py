@@ -17,7 +17,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repo root replaces pipeline/ on the path, so that
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # pipeline/profile.py hides no stdlib module
 
-from dnad.config import EXPORTERS, ONNX_OPSETS
 from dnad.errors import InputError
 from pipeline.cli import Parser, fail
 
@@ -55,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", nargs="+", metavar="ID", help="only these architecture ids")
     p.add_argument("--pareto", action="store_true", help="only the architectures on a Pareto front")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the run's deploy.opset)")
-    p.add_argument("--exporter", choices=EXPORTERS, default=None,
-                   help="torch.onnx exporter (default: the run's deploy.exporter)")  # fmt: skip
+    p.add_argument("--exporter", default=None, metavar="NAME",
+                   help="torch.onnx exporter, dynamo or torchscript (default: the run's deploy.exporter)")  # fmt: skip
     args = p.parse_args(argv)
+    from dnad.config import EXPORTERS, ONNX_OPSETS
     from pipeline.models import run_config
 
     try:
+        if args.exporter is not None and args.exporter not in EXPORTERS:
+            raise InputError("--exporter", args.exporter, f"one of {', '.join(EXPORTERS)}")
         folders = select_models(args.output, args.arch, args.pareto)
         deploy = run_config(args.output).deploy
         opset, exporter = args.opset or deploy.opset, args.exporter or deploy.exporter

@@ -32,10 +32,10 @@ def search_worker(config: dict[str, Any]) -> None:
     from dnad.data import load_dataset
     from dnad.distill import load_teacher
     from dnad.search import make_search, uses_teacher
+    from dnad.teacher import teacher_val_acc
     from pipeline.faults import install_search_faults
     from pipeline.progress import append_jsonl, read_jsonl, rewind_jsonl
     from pipeline.raytools import read_checkpoint, report, worker_setup
-    from pipeline.teacher import teacher_val_acc
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -7,15 +7,14 @@ copies into `teacher.cache_dir/<hash>`. Search workers load it from that path wi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from dnad.budget import plan_retrain, steps_per_epoch
+from dnad import teacher as _teacher
 from dnad.config import RetrainConfig
+from dnad.teacher import teacher_val_acc
 from pipeline.config import RunConfig, needs_teacher
 from pipeline.context import RunContext, thread_count
 from pipeline.progress import (
@@ -27,56 +26,28 @@ from pipeline.progress import (
     rewind_jsonl,
 )
 
-CACHE_FORMAT = 2  # 2: the teacher's accuracy is measured on the validation split
-
 
 def teacher_hash(cfg: RunConfig, n_train: int | None = None) -> str:
-    """sha256 of everything that changes the trained teacher's weights (`n_train`: the training
-    images, which an image folder's config alone does not pin down)."""
-    spec = {
-        "format": CACHE_FORMAT,
-        "teacher": cfg.search.distill.teacher.model_dump(mode="json"),
-        "data": cfg.retrain_data_config().model_dump(mode="json", exclude={"test_subset", "cache_dir"}),
-        "max_steps_per_epoch": cfg.teacher.max_steps_per_epoch,
-        "n_train": n_train,
-        "stem": cfg.search.supernet.stem,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    """The cache key of the run's teacher (`dnad.teacher.teacher_hash` of its parts)."""
+    return _teacher.teacher_hash(
+        cfg.search.distill.teacher, cfg.retrain_data_config(), n_train, cfg.search.supernet.stem,
+        cfg.teacher.max_steps_per_epoch,
+    )  # fmt: skip
 
 
 def teacher_recipe(cfg: RunConfig, n_train: int) -> RetrainConfig:
-    """The RetrainConfig a teacher is trained with: SGD at the teacher's own batch and lr, for its
-    epochs or `min_steps` steps on `n_train` training images, whichever is longer (`dnad.budget`)."""
-    t, seed = cfg.search.distill.teacher, cfg.retrain_data_config().seed
-    recipe = RetrainConfig(
-        C=t.C, epochs=max(t.epochs, 1), min_steps=t.min_steps, batch_size=t.batch_size, lr=t.lr,
-        auxiliary_weight=0.0, drop_path=0.0, max_steps_per_epoch=cfg.teacher.max_steps_per_epoch, seed=seed,
-    )  # fmt: skip
-    return plan_retrain(recipe, steps_per_epoch(n_train, t.batch_size, 1, recipe.max_steps_per_epoch))
+    """The run's teacher recipe (`dnad.teacher.teacher_recipe`) on `n_train` training images."""
+    return _teacher.teacher_recipe(
+        cfg.search.distill.teacher, n_train, cfg.retrain_data_config().seed, cfg.teacher.max_steps_per_epoch
+    )
 
 
 def teacher_spec(cfg: RunConfig, data: Any, val_acc: float | None) -> dict[str, Any]:
-    """The `teacher.json` of a trained teacher (how to rebuild it, its validation accuracy, its cache
-    key)."""
-    return {
-        "teacher": cfg.search.distill.teacher.model_dump(mode="json"),
-        "num_classes": data.num_classes,
-        "in_channels": data.in_channels,
-        "image_size": data.image_size,
-        "stem": cfg.search.supernet.stem,
-        "val_acc": val_acc,
-        "config_hash": teacher_hash(cfg, len(data.train)),
-    }
-
-
-def teacher_val_acc(path: str | Path) -> float | None:
-    """The validation accuracy recorded in a teacher folder's teacher.json (None when unknown)."""
-    f = Path(path) / "teacher.json"
-    try:
-        acc = json.loads(f.read_text()).get("val_acc")
-    except (OSError, ValueError):
-        return None
-    return float(acc) if acc is not None else None
+    """The run's `teacher.json` for a teacher trained on `data` (`dnad.teacher.teacher_card`)."""
+    return _teacher.teacher_card(
+        cfg.search.distill.teacher, data.num_classes, data.in_channels, data.image_size,
+        cfg.search.supernet.stem, val_acc, teacher_hash(cfg, len(data.train)),
+    )  # fmt: skip
 
 
 def teacher_worker(config: dict[str, Any]) -> None:
