@@ -124,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.Popen(
                 cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
-            for line in proc.stdout:
+            for line in proc.stdout:  # flushed line by line: the log of a run of hours is read live
                 sys.stdout.write(line)
+                sys.stdout.flush()
                 log.write(line)
+                log.flush()
             if proc.wait() != 0:
                 print(f"error: the pipeline run failed (exit {proc.returncode}); the same command resumes it",
                       file=sys.stderr)  # fmt: skip
