@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dnad.quality import HV_REF, compare, searches  # noqa: E402
+from pipeline.config import sweep_points  # noqa: E402
+from pipeline.models import run_config  # noqa: E402
 
 PAIRS = [("dnad", "snps"), ("dnad", "random"), ("dnad", "darts")]
 
@@ -50,23 +52,36 @@ def analyse(out: Path, command: str, n_boot: int) -> dict:
     else:  # the run is still going (or was stopped): what its trials have recorded so far
         from dnad.results import retrain_results
 
-        repeats = int(archs["repeats"].max()) if len(archs) else 1
-        retrained = retrain_results(run, list(archs["arch_id"]), max(repeats, 1))
+        retrained = retrain_results(run, list(archs["arch_id"]), run_config(run).retrain.repeats)
     em = pd.read_csv(run / "emissions.csv")
-    points = em.drop_duplicates("trial_id")[["trial_id", "strategy", "search_seed"]].rename(
-        columns={"search_seed": "seed"}
-    )
-    found = searches(archs, retrained, points.to_dict("records"))
+    cfg = run_config(run)
+    planned = [p | {"strategy": p.get("strategy", cfg.search.strategy)} for p in sweep_points(cfg)]
+    ended = {p["trial_id"] for p in planned if (run / "search" / p["trial_id"] / "emissions.json").is_file()}
+    # every search that has ended counts (one that emitted nothing has an empty front); one that has
+    # not (a stopped run) is left out until the run is resumed
+    points = [p for p in planned if p["trial_id"] in ended or p["trial_id"] in set(em["trial_id"])]
+    found = searches(archs, retrained, points)
     res = compare(found, PAIRS, n_boot=n_boot)
-    rows = [{"trial_id": s.trial_id, "strategy": s.strategy, "seed": s.seed, "architectures": len(s.arch_ids),
+    # how much of the run the figures rest on: a stopped run is analysed on what it has finished
+    emitted = em.groupby("trial_id")["arch_id"].nunique().to_dict()
+    ok = int((retrained["status"] == "ok").sum()) if len(retrained) else 0
+    repeats = cfg.retrain.repeats
+    wanted = len(archs) * repeats
+    partial = ok < wanted or len(ended) < len(planned)
+    rows = [{"trial_id": s.trial_id, "strategy": s.strategy, "seed": s.seed,
+             "emitted": int(emitted.get(s.trial_id, 0)), "architectures": len(s.arch_ids),
              "hypervolume": s.hv(), "best_val_acc": 1 - float(pd.Series(s.errors.mean(axis=1)).min())
              if len(s.arch_ids) else float("nan")} for s in found]  # fmt: skip
     per = pd.DataFrame(rows).sort_values(["strategy", "seed"])
     per.to_csv(out / "quality.csv", index=False)
-    cfg = json.dumps(json.loads((run / "run.json").read_text()))
+    uid = json.dumps(json.loads((run / "run.json").read_text()))
+    coverage = (f"{len(ended)} of {len(planned)} searches ended; {ok} of {wanted} retrainings ({len(archs)} "
+                f"architectures × {repeats}) finished")  # fmt: skip
     lines = [
         f"# Search strategies compared: {run.name} of `{command}`", "",
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; run {cfg}",
+        *([f"**PARTIAL**: {coverage}. The figures below rest on the finished retrainings only; the same "
+           "command resumes the run.", ""] if partial else [f"- complete: {coverage}"]),
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; run {uid}",
         f"- machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), no GPU used",
         f"- hypervolume of each search's front in (validation error, log10 MACs) up to {HV_REF} (larger is "
         f"better); 95 % intervals from {n_boot} bootstrap replicates over search seeds and retraining repeats",
@@ -76,9 +91,10 @@ def analyse(out: Path, command: str, n_boot: int) -> dict:
         "| difference | mean | 95 % interval | share of replicates > 0 |", "|---|---|---|---|",
         *[f"| {k} | {v['diff']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] | {100 * v['p_gt_0']:.0f} % |"
           for k, v in res["differences"].items()],
-        "", "## Per search", "", "| trial | strategy | seed | architectures | hypervolume | best val acc (mean over repeats) |",
-        "|---|---|---|---|---|---|",
-        *[f"| {r.trial_id} | {r.strategy} | {r.seed} | {r.architectures} | {r.hypervolume:.4f} | {100 * r.best_val_acc:.2f} % |"
+        "", "## Per search", "",
+        "| trial | strategy | seed | emitted | retrained | hypervolume | best val acc (mean over repeats) |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r.trial_id} | {r.strategy} | {r.seed} | {r.emitted} | {r.architectures} | {r.hypervolume:.4f} | {100 * r.best_val_acc:.2f} % |"
           for r in per.itertuples()],
     ]  # fmt: skip
     (out / "quality.md").write_text("\n".join(lines) + "\n")
