@@ -82,7 +82,7 @@ def analyse(out: Path, command: str, n_boot: int) -> dict:
         *([f"**PARTIAL**: {coverage}. The figures below rest on the finished retrainings only; the same "
            "command resumes the run.", ""] if partial else [f"- complete: {coverage}"]),
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; run {uid}",
-        f"- machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), no GPU used",
+        f"- machine: {_machine()}, no GPU used",
         f"- hypervolume of each search's front in (validation error, log10 MACs) up to {HV_REF} (larger is "
         f"better); 95 % intervals from {n_boot} bootstrap replicates over search seeds and retraining repeats",
         "", "## Per strategy", "", "| strategy | searches | mean hypervolume | 95 % interval |", "|---|---|---|---|",
@@ -100,6 +100,19 @@ def analyse(out: Path, command: str, n_boot: int) -> dict:
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     _figure(archs, found, out / "quality.html")
     return res
+
+
+def _machine() -> str:
+    """CPU count and model (from /proc/cpuinfo where there is one) and the torch/Ray versions."""
+    from importlib.metadata import version
+
+    model = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model}), torch {version('torch')}, ray {version('ray')}"
 
 
 def _figure(archs: pd.DataFrame, found: list, path: Path) -> None:
@@ -135,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     shown = "python benchmarks/quality.py " + " ".join(
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])
     )
-    if not a.analyse_only:
+    command_file = Path(a.out) / "command.txt"  # the command that drives the run (and resumes it)
+    if a.analyse_only:
+        shown = command_file.read_text().strip() if command_file.is_file() else shown
+    else:
+        command_file.write_text(shown + "\n")
         with open(Path(a.out) / "pipeline.log", "a") as log:
             proc = subprocess.Popen(
                 cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
