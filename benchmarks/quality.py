@@ -57,30 +57,48 @@ def analyse(out: Path, command: str, n_boot: int) -> dict:
     cfg = run_config(run)
     planned = [p | {"strategy": p.get("strategy", cfg.search.strategy)} for p in sweep_points(cfg)]
     ended = {p["trial_id"] for p in planned if (run / "search" / p["trial_id"] / "emissions.json").is_file()}
-    # every search that has ended counts (one that emitted nothing has an empty front); one that has
-    # not (a stopped run) is left out until the run is resumed
-    points = [p for p in planned if p["trial_id"] in ended or p["trial_id"] in set(em["trial_id"])]
-    found = searches(archs, retrained, points)
-    res = compare(found, PAIRS, n_boot=n_boot)
+    # a search counts once it is complete: ended, and every architecture it emitted retrained
+    # `repeats` times (ok or failed; one that emitted nothing has an empty front). Of a stopped run,
+    # the others are left out until it is resumed, rather than scored on part of their front.
+    repeats = cfg.retrain.repeats
+    finished = retrained[retrained["status"].isin(["ok", "failed"])].groupby("arch_id").size()
+    emitted_by = em.groupby("trial_id")["arch_id"].unique().to_dict()
+    complete = [
+        p for p in planned
+        if p["trial_id"] in ended and all(finished.get(x, 0) >= repeats for x in emitted_by.get(p["trial_id"], []))
+    ]  # fmt: skip
+    # compared: the seeds whose searches are complete for every strategy (differences are paired by seed)
+    done = {p["trial_id"] for p in complete}
+    seeds = sorted({p["seed"] for p in planned})
+    paired = [x for x in seeds if all(p["trial_id"] in done for p in planned if p["seed"] == x)]
+    compared = [p for p in planned if p["seed"] in paired]
+    res = compare(searches(archs, retrained, compared), PAIRS, n_boot=n_boot) if compared else {
+        "methods": {}, "differences": {}, "n_boot": n_boot, "ref": HV_REF}  # fmt: skip
     # how much of the run the figures rest on: a stopped run is analysed on what it has finished
     emitted = em.groupby("trial_id")["arch_id"].nunique().to_dict()
     ok = int((retrained["status"] == "ok").sum()) if len(retrained) else 0
-    repeats = cfg.retrain.repeats
     wanted = len(archs) * repeats
-    partial = ok < wanted or len(ended) < len(planned)
-    rows = [{"trial_id": s.trial_id, "strategy": s.strategy, "seed": s.seed,
+    partial = len(complete) < len(planned)
+
+    def state(tid: str) -> str:
+        return ("compared" if any(p["trial_id"] == tid for p in compared) else "complete" if tid in done
+                else "retraining" if tid in ended else "searching or not started")  # fmt: skip
+
+    every = searches(archs, retrained, planned)
+    rows = [{"trial_id": s.trial_id, "strategy": s.strategy, "seed": s.seed, "state": state(s.trial_id),
              "emitted": int(emitted.get(s.trial_id, 0)), "architectures": len(s.arch_ids),
              "hypervolume": s.hv(), "best_val_acc": 1 - float(pd.Series(s.errors.mean(axis=1)).min())
-             if len(s.arch_ids) else float("nan")} for s in found]  # fmt: skip
+             if len(s.arch_ids) else float("nan")} for s in every]  # fmt: skip
     per = pd.DataFrame(rows).sort_values(["strategy", "seed"])
     per.to_csv(out / "quality.csv", index=False)
     uid = json.dumps(json.loads((run / "run.json").read_text()))
-    coverage = (f"{len(ended)} of {len(planned)} searches ended; {ok} of {wanted} retrainings ({len(archs)} "
+    coverage = (f"{len(complete)} of {len(planned)} searches complete ({len(ended)} ended), compared on seed(s) "
+                f"{', '.join(map(str, paired)) or 'none yet'}; {ok} of {wanted} retrainings ({len(archs)} "
                 f"architectures × {repeats}) finished")  # fmt: skip
     lines = [
         f"# Search strategies compared: {run.name} of `{command}`", "",
-        *([f"**PARTIAL**: {coverage}. The figures below rest on the finished retrainings only; the same "
-           "command resumes the run.", ""] if partial else [f"- complete: {coverage}"]),
+        *([f"**PARTIAL**: {coverage}. The comparison uses only the seeds complete for every strategy; "
+           "the same command resumes the run.", ""] if partial else [f"- complete: {coverage}"]),
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; run {uid}",
         f"- machine: {_machine()}, no GPU used",
         f"- hypervolume of each search's front in (validation error, log10 MACs) up to {HV_REF} (larger is "
@@ -92,13 +110,13 @@ def analyse(out: Path, command: str, n_boot: int) -> dict:
         *[f"| {k} | {v['diff']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] | {100 * v['p_gt_0']:.0f} % |"
           for k, v in res["differences"].items()],
         "", "## Per search", "",
-        "| trial | strategy | seed | emitted | retrained | hypervolume | best val acc (mean over repeats) |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {r.trial_id} | {r.strategy} | {r.seed} | {r.emitted} | {r.architectures} | {r.hypervolume:.4f} | {100 * r.best_val_acc:.2f} % |"
+        "| trial | strategy | seed | state | emitted | retrained | hypervolume (so far) | best val acc (mean over repeats) |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r.trial_id} | {r.strategy} | {r.seed} | {r.state} | {r.emitted} | {r.architectures} | {r.hypervolume:.4f} | {100 * r.best_val_acc:.2f} % |"
           for r in per.itertuples()],
     ]  # fmt: skip
     (out / "quality.md").write_text("\n".join(lines) + "\n")
-    _figure(archs, found, out / "quality.html")
+    _figure(archs, every, out / "quality.html")
     return res
 
 

@@ -90,7 +90,9 @@ def test_the_driver_analyses_a_finished_run(quality, smoke_run, tmp_path):
     assert "| strategy | searches | mean hypervolume | 95 % interval |" in md and "| dnad | 2 |" in md
     assert len(pd.read_csv(tmp_path / "quality.csv")) == 2
     assert (tmp_path / "quality.html").stat().st_size > 100_000
-    assert "- complete: 2 of 2 searches ended" in md and "PARTIAL" not in md
+    assert (
+        "- complete: 2 of 2 searches complete (2 ended), compared on seed(s) " in md and "PARTIAL" not in md
+    )
     ok, wanted = map(int, re.search(r"(\d+) of (\d+) retrainings", md).groups())
     assert ok == wanted > 0
     # a run stopped before one retraining finished is analysed on the rest and says so
@@ -99,6 +101,10 @@ def test_the_driver_analyses_a_finished_run(quality, smoke_run, tmp_path):
     key = sorted(run.glob("retrain/*.result.json"))[0].name.removesuffix(".result.json")
     for f in run.glob(f"retrain/{key}.*"):
         f.unlink()
-    quality.analyse(tmp_path, "python benchmarks/quality.py --profile tiny", n_boot=50)
+    res = quality.analyse(tmp_path, "python benchmarks/quality.py --profile tiny", n_boot=50)
     md = (tmp_path / "quality.md").read_text()
-    assert f"**PARTIAL**: 2 of 2 searches ended; {ok - 1} of {wanted} retrainings" in md
+    n = int(re.search(r"\*\*PARTIAL\*\*: (\d+) of 2 searches complete \(2 ended\)", md).group(1))
+    assert n < 2 and f"; {ok - 1} of {wanted} retrainings" in md
+    # only seeds complete for every strategy are compared: the incomplete search is not scored
+    assert res["methods"].get("dnad", {"seeds": 0})["seeds"] == n
+    assert "| retraining |" in md
