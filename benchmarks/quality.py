@@ -175,11 +175,22 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.Popen(
                 cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
-            for line in proc.stdout:  # flushed line by line: the log of a run of hours is read live
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                log.write(line)
-                log.flush()
+
+            def relay() -> None:  # flushed line by line: the log of a run of hours is read live
+                for line in proc.stdout:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                    log.write(line)
+                    log.flush()
+
+            try:
+                relay()
+            except KeyboardInterrupt:  # Ctrl-C reached the pipeline too: let it stop and keep its work
+                print("[quality] stopping: the pipeline keeps what it has finished", file=sys.stderr)
+                relay()
+                proc.wait()
+                print("[quality] stopped; the same command resumes the run", file=sys.stderr)
+                return 130
             if proc.wait() != 0:
                 print(f"error: the pipeline run failed (exit {proc.returncode}); the same command resumes it",
                       file=sys.stderr)  # fmt: skip
