@@ -117,7 +117,11 @@ def run_stages(ctx, resuming: bool, t0: float, notes: list[str] = ()) -> int:
     print(describe_run(ctx, resuming))
     for note in notes:  # what the checks capped or skipped
         print(note)
-    teacher_path = run_teacher(ctx)  # cached by config hash: a resumed run finds it
+    if searches_left(ctx):
+        teacher_path = run_teacher(ctx)  # cached by config hash: a resumed run finds it
+    else:  # resumed after every search ended: only retraining is left, and it needs no teacher
+        teacher_path = None
+        print("[teacher] not needed: every search has ended")
     if ctx.stage_done("retrain"):
         print("[run] searches and retraining already finished")
     else:
@@ -127,6 +131,16 @@ def run_stages(ctx, resuming: bool, t0: float, notes: list[str] = ()) -> int:
             return 1
         ctx.mark_done("search", {"failed": failures})
     return finish(ctx, t0)
+
+
+def searches_left(ctx) -> bool:
+    """Whether any sweep point's search has still to run (a search is done once it has written its
+    emission list, `search/<trial>/emissions.json`; the streaming queue decides the same way)."""
+    from pipeline.config import sweep_points
+
+    return any(
+        not (ctx.out / "search" / p["trial_id"] / "emissions.json").is_file() for p in sweep_points(ctx.cfg)
+    )
 
 
 def finish(ctx, t0: float) -> int:
