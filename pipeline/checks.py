@@ -31,7 +31,21 @@ class DataMeta:
 
 # keys that may change between a run and its resumption (they do not change any result)
 RESUMABLE_CHANGES = ("output", "ray.address", "ray.num_cpus", "ray.max_concurrent", "retrain.cuda_graph",
-                     "data.cache_dir", "ray.resource_wait_s")  # fmt: skip
+                     "data.cache_dir", "ray.resource_wait_s", "teacher.cache_dir")  # fmt: skip
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def same_repo_file(was: Any, now: Any) -> bool:
+    """Whether two saved paths name the same file of this repository from two checkouts (e.g. the
+    profile's teacher genotype, when a run is resumed from another clone or machine): `now` lies in
+    this checkout and `was` ends with the same repository-relative path."""
+    if not (isinstance(was, str) and isinstance(now, str)) or not Path(was).is_absolute():
+        return False
+    try:
+        rel = Path(now).resolve().relative_to(REPO_ROOT).parts
+    except (OSError, ValueError):
+        return False
+    return len(Path(was).parts) > len(rel) and Path(was).parts[-len(rel) :] == rel
 
 
 @dataclass
@@ -168,7 +182,8 @@ def check_output(cfg: RunConfig, out: Path, fresh: bool) -> bool:
         old = RunConfig.model_validate(old).model_dump(mode="json")
     except ValidationError:
         pass  # a key that no longer exists: the diff below names it
-    diffs = [d for d in _diff(old, cfg.model_dump(mode="json")) if d[0] not in RESUMABLE_CHANGES]
+    diffs = [d for d in _diff(old, cfg.model_dump(mode="json"))
+             if d[0] not in RESUMABLE_CHANGES and not same_repo_file(d[1], d[2])]  # fmt: skip
     if diffs:
         key, was, now = diffs[0]
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""

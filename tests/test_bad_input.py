@@ -167,6 +167,25 @@ def test_a_run_saved_before_a_setting_existed_resumes(tmp_path, no_ray):
         resolve(parse_args(argv(["--smoke-test", "--output", "{t}/run", "retrain.epochs=7"], tmp_path)))
 
 
+def test_a_run_saved_by_another_checkout_resumes_with_the_same_repo_files(tmp_path, no_ray):
+    """A run folder committed or copied from another clone names the repository's files (the teacher
+    genotype) under that clone's path: the same repo file here resumes, another one refuses, and a
+    different teacher cache (nothing a result depends on) resumes."""
+    scene(tmp_path)
+    teacher = ["search.distill.teacher.kind=genotype", "search.distill.teacher.C=8"]
+    genotype = "search.distill.teacher.genotype=configs/teachers/darts_v2_5cells.json"
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    saved["search"]["distill"]["teacher"] |= {"kind": "genotype", "C": 8,
+                                              "genotype": "/elsewhere/clone/configs/teachers/darts_v2_5cells.json"}  # fmt: skip
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(saved))
+    args = ["--smoke-test", "--output", "{t}/run", *teacher]
+    moved = [*args, genotype, "teacher.cache_dir={t}/other-cache"]
+    assert resolve(parse_args(argv(moved, tmp_path)))[0].resuming is True
+    other = [*args, "search.distill.teacher.genotype=configs/teachers/darts_v2_8cells.json"]
+    with pytest.raises(InputError, match=r"search\.distill\.teacher\.genotype"):
+        resolve(parse_args(argv(other, tmp_path)))
+
+
 def test_cli_bad_input_is_one_line_on_stderr(tmp_path):
     """The real command line, in a fresh interpreter: nothing else on stderr (no warnings, no usage)."""
     out = tmp_path / "out"
