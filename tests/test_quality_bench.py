@@ -105,6 +105,7 @@ def test_the_driver_analyses_a_finished_run(quality, smoke_run, tmp_path):
     md = (tmp_path / "quality.md").read_text()
     n = int(re.search(r"\*\*PARTIAL\*\*: (\d+) of 2 searches complete \(2 ended\)", md).group(1))
     assert n < 2 and f"; {ok - 1} of {wanted} retrainings" in md
-    # only seeds complete for every strategy are compared: the incomplete search is not scored
-    assert res["methods"].get("dnad", {"seeds": 0})["seeds"] == n
-    assert "| retraining |" in md
+    # only seeds whose searches are all complete are compared: the incomplete search is never scored
+    # (the tiny profile's two searches share one seed, so here nothing is compared yet)
+    compared = md.count("| compared |")
+    assert res["methods"].get("dnad", {"seeds": 0})["seeds"] == compared < 2 and "| retraining |" in md
