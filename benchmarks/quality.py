@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from dnad.quality import HV_REF, compare, searches  # noqa: E402
 from pipeline.config import sweep_points  # noqa: E402
 from pipeline.models import run_config  # noqa: E402
+from pipeline.stream import search_ended  # noqa: E402
 
 PAIRS = [("dnad", "snps"), ("dnad", "random"), ("dnad", "darts")]
 
@@ -56,7 +57,7 @@ def analyse(out: Path, command: str, n_boot: int) -> dict:
     em = pd.read_csv(run / "emissions.csv")
     cfg = run_config(run)
     planned = [p | {"strategy": p.get("strategy", cfg.search.strategy)} for p in sweep_points(cfg)]
-    ended = {p["trial_id"] for p in planned if (run / "search" / p["trial_id"] / "emissions.json").is_file()}
+    ended = {p["trial_id"] for p in planned if search_ended(run, p["trial_id"])}
     # a search counts once it is complete: ended, and every architecture it emitted retrained
     # `repeats` times (ok or failed; one that emitted nothing has an empty front). Of a stopped run,
     # the others are left out until it is resumed, rather than scored on part of their front.

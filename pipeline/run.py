@@ -134,13 +134,11 @@ def run_stages(ctx, resuming: bool, t0: float, notes: list[str] = ()) -> int:
 
 
 def searches_left(ctx) -> bool:
-    """Whether any sweep point's search has still to run (a search is done once it has written its
-    emission list, `search/<trial>/emissions.json`; the streaming queue decides the same way)."""
+    """Whether any sweep point's search has still to run (`pipeline.stream.search_ended`)."""
     from pipeline.config import sweep_points
+    from pipeline.stream import search_ended
 
-    return any(
-        not (ctx.out / "search" / p["trial_id"] / "emissions.json").is_file() for p in sweep_points(ctx.cfg)
-    )
+    return any(not search_ended(ctx.out, p["trial_id"]) for p in sweep_points(ctx.cfg))
 
 
 def finish(ctx, t0: float) -> int:

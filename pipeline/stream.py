@@ -37,6 +37,12 @@ def search_result(out: Path, tid: str) -> dict[str, Any] | None:
         return None
 
 
+def search_ended(out: Path, tid: str) -> bool:
+    """A search is done once it has written its emission list (`search/<tid>/emissions.json`); it then
+    never runs again (a failed one, which has none, tries again)."""
+    return (Path(out) / "search" / tid / "emissions.json").is_file()
+
+
 class StreamState:
     """The retraining queue, fed by the emission files of the searches. Pure bookkeeping (no Ray): what
     to retrain next, and whether anything more can come."""
@@ -45,9 +51,7 @@ class StreamState:
         r = ctx.cfg.retrain
         self.out, self.trial_ids = ctx.out, [p["trial_id"] for p in points]
         # searches to run: those without a finished emission list (a failed one tries again)
-        self.searches = [
-            p for p in points if not (ctx.out / "search" / p["trial_id"] / "emissions.json").is_file()
-        ]
+        self.searches = [p for p in points if not search_ended(ctx.out, p["trial_id"])]
         for p in self.searches:
             (ctx.out / "search" / p["trial_id"] / "result.json").unlink(missing_ok=True)
         self.start, self.stream, self.rest, self.repeats = r.start, r.stream, r.rest, r.repeats
