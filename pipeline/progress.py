@@ -192,6 +192,7 @@ class Board(Progress):
             max(search_steps, 1),
             max(epochs_per_trial, 1),
         )
+        self.nothing_to_search = search_steps <= 0  # every search had ended before this run began
         self.known_trials, self.searches = known_trials, searches
         self.seen_results: set[Path] = set()
         self.emitted = 0
@@ -290,7 +291,11 @@ class Board(Progress):
         running = sum(1 for k, v in r_done.items() if v > 0) - len(results)
         left = None if s_left is None or r_left is None else max(s_left, r_left)
         eta = "?" if left is None else fmt_duration(left) + ("+" if searching else "")
-        search = f"search {steps}/{self.search_steps} steps ({ended}/{len(self.searches)} ended)"
+        search = (
+            f"search: all {len(self.searches)} ended earlier"
+            if self.nothing_to_search and not searching
+            else f"search {steps}/{self.search_steps} steps ({ended}/{len(self.searches)} ended)"
+        )
         retrain = (f"retrain {r_units / EPOCH_SCALE:.1f}/{total / EPOCH_SCALE:g} epochs "
                    f"({max(running, 0)} running, {len(results)} done)")  # fmt: skip
         extra = self.describe(self.last) if self.last else ""

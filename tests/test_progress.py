@@ -84,3 +84,20 @@ def test_run_eta_takes_the_retraining_rate_from_the_first_trial_not_the_run_star
     eta = re.search(r"ETA (\d+)m(\d+)s", line)
     assert eta and 150 <= 60 * int(eta[1]) + int(eta[2]) <= 210, line
     assert "retrain 1.0/4 epochs" in line and "(1/1 ended)" in line
+
+
+def test_run_resumed_after_every_search_ended_says_so_instead_of_counting_steps(tmp_path):
+    """A resumed run with no search left plans 0 steps: the line says the searches ended earlier (it
+    used to read 'search 1/1 steps')."""
+    import time
+
+    from pipeline.progress import Board
+
+    for t in ("t00", "t01"):
+        (tmp_path / "search" / t).mkdir(parents=True)
+        (tmp_path / "search" / t / "result.json").write_text(json.dumps({"finished_at": time.time() - 60}))
+    board = Board(tmp_path, search_steps=0, epochs_per_trial=1, known_trials=lambda: 3, searches=["t00", "t01"],
+                  stream=io.StringIO())  # fmt: skip
+    board.poll()
+    line = board.line()
+    assert "search: all 2 ended earlier" in line and "steps" not in line, line
