@@ -114,6 +114,8 @@ def test_with_the_token_the_smoke_search_runs(token_head, tmp_path):
         str(out),
         "sweep.temperature=[]",
         "search.distill.enabled=false",
+        "search.epochs=2",  # a warm-up and a shrinking epoch: the subject is the authenticated connection
+        "retrain.epochs=1",
     ]
     proc = run(args, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

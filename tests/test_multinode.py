@@ -30,6 +30,7 @@ def test_search_runs_on_two_nodes_with_one_worker_each(tmp_path):
             sys.executable, str(REPO / "pipeline" / "run.py"), "--smoke-test", "--output", str(out),
             "--address", cluster.address, "ray.workers=2", "ray.cpus_per_worker=1", "sweep.temperature=[]",
             "search.distill.enabled=false", "search.batch_size=16",
+            "search.epochs=2", "retrain.epochs=1",  # the subject is the two-node worker group
         ]  # fmt: skip
         token = tmp_path / "auth_token"
         token.write_text(secrets.token_hex(32))
