@@ -10,7 +10,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: setup data browser test run lint format smoke clean
+.PHONY: setup data browser packages test run lint format smoke clean
 
 setup: $(STAMP) data
 
@@ -39,8 +39,21 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: setup browser lint
-	$(VENV)/bin/pytest -q --durations=15
+# pip (one core) and apt (network, dpkg) at the same time; then lint and the suite on two xdist workers
+# (tests/conftest.py groups the tests so that a shared run or a module's fixture is built once)
+test:
+	$(MAKE) --no-print-directory -j2 $(STAMP) packages
+	$(MAKE) --no-print-directory lint
+	$(VENV)/bin/pytest -q --durations=15 -n 2 --dist loadgroup
+
+# the Debian packages of `data` and `browser` in one apt transaction (two would wait on dpkg's lock)
+packages:
+	@pkgs=""; [ -e $(FMNIST) ] || pkgs="$$pkgs dataset-fashion-mnist"; \
+	[ -e $(CHROMIUM) ] || pkgs="$$pkgs chromium"; \
+	if [ -n "$$pkgs" ]; then \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkgs; \
+	fi
 
 run: setup
 	$(PY) pipeline/run.py $(ARGS)
