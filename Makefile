@@ -39,12 +39,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# pip (one core) and apt (network, dpkg) at the same time; then lint and the suite on two xdist workers
-# (tests/conftest.py groups the tests so that a shared run or a module's fixture is built once)
+# pip (one core) and apt (network, dpkg) at the same time, then lint and the suite in one process: two
+# pytest-xdist workers on these two cores took longer than one (torch's threads of both fight for them)
 test:
 	$(MAKE) --no-print-directory -j2 $(STAMP) packages
 	$(MAKE) --no-print-directory lint
-	$(VENV)/bin/pytest -q --durations=15 -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -q --durations=15
 
 # the Debian packages of `data` and `browser` in one apt transaction (two would wait on dpkg's lock)
 packages:

@@ -57,18 +57,3 @@ def smoke_run(tmp_path_factory) -> Path:
             f"smoke run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     return out
-
-
-def pytest_collection_modifyitems(items):
-    """Groups for `pytest -n 2 --dist loadgroup` (what `make test` runs): every test that reads the shared
-    smoke run in one group (it is built once), the other tests that start Ray or run the pipeline end to
-    end in a second one (at most two such runs share the cores at a time), the rest by module (a
-    module-scoped fixture is built once). Without xdist the marks do nothing."""
-    for item in items:
-        if "smoke_run" in item.fixturenames:
-            group = "smoke-run"
-        elif item.get_closest_marker("ray") or item.get_closest_marker("slow"):
-            group = "end-to-end"
-        else:
-            group = item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
