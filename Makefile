@@ -9,6 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
+APT_INSTALL = $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
 .PHONY: setup data browser packages test run lint format smoke clean
 
@@ -22,14 +23,12 @@ $(STAMP): pyproject.toml
 data: $(FMNIST)
 
 $(FMNIST):
-	$(SUDO) apt-get update -q
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist
+	$(APT_INSTALL) dataset-fashion-mnist
 
 browser: $(CHROMIUM)
 
 $(CHROMIUM):
-	$(SUDO) apt-get update -q
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+	$(APT_INSTALL) chromium
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -50,10 +49,7 @@ test:
 packages:
 	@pkgs=""; [ -e $(FMNIST) ] || pkgs="$$pkgs dataset-fashion-mnist"; \
 	[ -e $(CHROMIUM) ] || pkgs="$$pkgs chromium"; \
-	if [ -n "$$pkgs" ]; then \
-	  $(SUDO) apt-get update -q && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkgs; \
-	fi
+	if [ -n "$$pkgs" ]; then $(APT_INSTALL) $$pkgs; fi
 
 run: setup
 	$(PY) pipeline/run.py $(ARGS)
