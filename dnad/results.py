@@ -195,6 +195,60 @@ def load_run(output_dir: str | Path) -> RunResults:
     return RunResults(archs, metrics, config)
 
 
+@dataclass(frozen=True)
+class FrontTrend:
+    """How validation accuracy moves with cost across a family: is the front a trade-off or flat?"""
+
+    architectures: int
+    macs_span: float  # most / fewest MACs
+    slope: float  # validation-accuracy points per doubling of MACs (least squares on log2 MACs)
+    r: float  # correlation of validation accuracy with log2 MACs (nan when the accuracies are equal)
+    spread: float  # best - worst validation accuracy, points
+    noise_sd: float | None  # sd of one retraining's validation accuracy (points), pooled over repeats
+
+    def describe(self) -> str:
+        line = (
+            f"trend: {self.slope:+.2f} validation-accuracy points per doubling of MACs across "
+            f"{self.architectures} architectures ({self.macs_span:.2f}x MACs, spread {self.spread:.2f} points, "
+            f"r = {self.r:.2f})"
+        )
+        if self.noise_sd is None:
+            return line + "; retrain.repeats=2 measures how much of it is retraining noise"
+        return line + f"; one retraining's sd {self.noise_sd:.2f} points (from the repeats)"
+
+
+def front_trend(archs: pd.DataFrame) -> FrontTrend | None:
+    """The accuracy-vs-MACs trend of the retrained architectures (`status == "ok"`), on validation
+    accuracy (the mean over repeats where there are several), and the retraining noise when repeats
+    measure it. None with fewer than 3 architectures or MACs all alike."""
+    if archs.empty or "status" not in archs:
+        return None
+    ok = archs[(archs["status"] == "ok")]
+    val = pd.to_numeric(ok["val_acc"], errors="coerce").astype(float)
+    if "val_acc_mean" in ok and "repeats" in ok:
+        many = pd.to_numeric(ok["repeats"], errors="coerce").fillna(0) >= 2
+        val = val.where(~many, pd.to_numeric(ok["val_acc_mean"], errors="coerce").astype(float))
+    macs = pd.to_numeric(ok["macs"], errors="coerce").astype(float)
+    keep = np.isfinite(val) & np.isfinite(macs) & (macs > 0)
+    x, y = np.log2(macs[keep].to_numpy()), 100 * val[keep].to_numpy()
+    if len(x) < 3 or np.ptp(x) == 0:
+        return None
+    slope = float(np.polyfit(x, y, 1)[0])
+    r = float(np.corrcoef(x, y)[0, 1]) if np.ptp(y) > 0 else float("nan")
+    noise = None
+    if "val_acc_sd" in ok and "repeats" in ok:
+        n = pd.to_numeric(ok["repeats"], errors="coerce").fillna(0)
+        sd = pd.to_numeric(ok["val_acc_sd"], errors="coerce").astype(float)
+        use = (n >= 2) & np.isfinite(sd)
+        dof = float((n[use] - 1).sum())
+        if dof > 0:
+            noise = 100 * float(np.sqrt(((n[use] - 1) * sd[use] ** 2).sum() / dof))
+    return FrontTrend(
+        architectures=len(x), macs_span=float(2 ** np.ptp(x)), slope=slope, r=r,
+        spread=float(np.ptp(y)), noise_sd=noise,
+    )  # fmt: skip
+
+
 def summary_table(archs: pd.DataFrame) -> str:
     """Plain-text table, best validation accuracy first, with the Pareto fronts each row is on."""
     if archs.empty:
@@ -222,6 +276,9 @@ def summary_table(archs: pd.DataFrame) -> str:
         "choose; ms = latency at batch 1 (ONNX Runtime, else PyTorch); pareto: M = MACs, P = params, "
         "L = latency, each against validation error"
     )
+    trend = front_trend(archs)
+    if trend is not None:
+        lines.append(trend.describe())
     return "\n".join(lines)
 
 
