@@ -24,7 +24,7 @@ from pyarrow.lib import ArrowException
 from dnad.checkpoint import atomic_write_text
 from dnad.errors import InputError
 from dnad.figures import cell_figure, dynamics_figure, pareto_figure, results_table_html
-from dnad.results import RunResults, load_genotypes, load_partial_run, reference_points
+from dnad.results import RunResults, front_trend, load_genotypes, load_partial_run, reference_points
 
 REPORT_NAME = "report.html"
 
@@ -130,6 +130,14 @@ def _facts(res: RunResults) -> list[tuple[str, str]]:
         ))  # fmt: skip
     else:
         facts.append(("best on validation", "–"))
+    trend = front_trend(archs)
+    if trend is not None:
+        noise = "" if trend.noise_sd is None else f", one retraining's sd {trend.noise_sd:.2f}"
+        facts.append((
+            "trend",
+            f"{trend.slope:+.2f} val points per doubling of MACs ({trend.macs_span:.2f}x MACs, "
+            f"r = {trend.r:.2f}{noise})",
+        ))  # fmt: skip
     return facts
 
 

@@ -6,8 +6,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from test_figures import make_run_folder
 
-from dnad.results import front_trend, summary_table
+from dnad.report import build_report_html
+from dnad.results import front_trend, load_run, summary_table
 
 
 def _archs(macs, val, status=None, repeats=None, sd=None, mean=None) -> pd.DataFrame:
@@ -60,3 +62,11 @@ def test_the_summary_ends_with_the_trend():
     text = summary_table(_archs([1e6, 2e6, 4e6], [0.80, 0.81, 0.82]))
     assert text.splitlines()[-1].startswith("trend: +1.00 validation-accuracy points per doubling of MACs")
     assert "trend" not in summary_table(_archs([1e6, 2e6], [0.80, 0.81]))
+
+
+def test_the_report_states_the_trend(tmp_path):
+    archs = make_run_folder(tmp_path / "run")
+    t = front_trend(archs)
+    assert t is not None
+    text = build_report_html(load_run(tmp_path / "run"))
+    assert f"{t.slope:+.2f} val points per doubling of MACs ({t.macs_span:.2f}x MACs" in text
