@@ -43,6 +43,9 @@ def test_failed_rows_are_left_out_and_too_few_architectures_give_none():
     assert front_trend(archs) is None
     assert front_trend(_archs([2e6, 2e6, 2e6], [0.8, 0.81, 0.82])) is None  # no spread of MACs
     assert front_trend(_archs([], [])) is None
+    unknown = _archs([1e6, 2e6, 4e6, 8e6], [0.80, 0.81, 0.82, 0.5]).astype({"status": "string"})
+    unknown.loc[3, "status"] = pd.NA  # a row whose status is missing counts as not retrained
+    assert front_trend(unknown).slope == pytest.approx(1.0)
     flat = front_trend(_archs([1e6, 2e6, 4e6], [0.8, 0.8, 0.8]))
     assert flat is not None and flat.slope == pytest.approx(0.0, abs=1e-9) and math.isnan(flat.r)
 
