@@ -22,6 +22,7 @@ from dnad.config import RetrainConfig
 from dnad.cudagraph import StaticStep, unsupported_reason
 from dnad.data import BatchIterator, DatasetBundle
 from dnad.fastops import preferred_format, to_layout
+from dnad.fold import fold_batchnorm
 from dnad.guard import BatchNormStats, NonFiniteGuard, all_finite, rng_state, set_rng_state
 from dnad.network import Network, auto_drop_path
 
@@ -54,18 +55,23 @@ def eval_batch_size(device: torch.device | str) -> int:
     return 256 if torch.device(device).type == "cpu" else 1024
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: BatchIterator, device: torch.device) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) over every image of `batches`."""
+def evaluate(
+    model: nn.Module, batches: BatchIterator, device: torch.device, fold: bool = True
+) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) over every image of `batches`, in eval mode. `fold`: run
+    an inference copy with the BNs folded into their convs (`dnad.fold`: the same logits to float
+    rounding, about a fifth less time on the CPU); `model` itself is not changed."""
     was = model.training
     model.eval()
+    net = fold_batchnorm(model) if fold else model
     correct, total, loss = 0, 0, 0.0
-    for x, y in batches.iterate(0):
-        x, y = to_layout(x.to(device), preferred_format(device)), y.to(device)
-        logits = model(x)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        total += y.numel()
+    with torch.inference_mode():
+        for x, y in batches.iterate(0):
+            x, y = to_layout(x.to(device), preferred_format(device)), y.to(device)
+            logits = net(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += y.numel()
     model.train(was)
     return correct / max(total, 1), loss / max(total, 1)
 

@@ -71,6 +71,7 @@ def test_the_folder_holds_weights_genotype_card_and_onnx(trained):
         card["recipe"]["retrain"]["optimizer"] == "adamw" and card["recipe"]["data"]["train_subset"] == 2000
     )
     assert card["onnx"]["opset"] == 18 and card["onnx"]["dynamic_axes"] == {"input": [0], "logits": [0]}
+    assert card["onnx"]["batchnorm_folded"] is True
     lat = card["latency"]
     assert (
         lat["batches"] == [1, 16]
@@ -93,8 +94,9 @@ def test_the_loaded_model_reproduces_the_recorded_accuracies_exactly(trained):
     assert not model.training and model.aux_head is None
     data = load_dataset(DataConfig.model_validate(model.card["recipe"]["data"]))
     for split in ("val", "test"):
-        acc, _ = evaluate(model, data.iterator(split, 256, seed=0), torch.device("cpu"))
-        assert acc == model.card[f"{split}_acc"]
+        for fold in (True, False):  # the run's BN-folded evaluation and the model as a user calls it
+            acc, _ = evaluate(model, data.iterator(split, 256, seed=0), torch.device("cpu"), fold=fold)
+            assert acc == model.card[f"{split}_acc"], (split, fold)
 
 
 @pytest.mark.data
