@@ -36,6 +36,8 @@ from dnad.supernet import SuperNet
 PRESETS = {
     # the reference's CIFAR search size
     "paper-cifar": dict(C=16, cells=8, ops="reference", batch=64, channels=3, size=32, classes=10),
+    # the default profile's (configs/quick.yaml) search super-network
+    "quick": dict(C=8, cells=5, ops="reference", batch=64, channels=1, size=28, classes=10),
     "fashion": dict(C=16, cells=8, ops="reference", batch=64, channels=1, size=28, classes=10),
     "tiny": dict(C=4, cells=3, ops="reference", batch=32, channels=3, size=16, classes=5),
 }
