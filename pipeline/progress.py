@@ -289,7 +289,10 @@ class Board(Progress):
         r_elapsed = self.retrain_elapsed() or elapsed
         r_left = (total - r_units) * r_elapsed / r_new if r_new > 0 else (None if total > r_units else 0.0)
         running = sum(1 for k, v in r_done.items() if v > 0) - len(results)
-        left = None if s_left is None or r_left is None else max(s_left, r_left)
+        if searching and s_left is not None and r_left is None:
+            left = s_left  # queued trials have no rate yet: at least the search's time is left
+        else:
+            left = None if s_left is None or r_left is None else max(s_left, r_left)
         eta = "?" if left is None else fmt_duration(left) + ("+" if searching else "")
         search = (
             f"search: all {len(self.searches)} ended earlier"

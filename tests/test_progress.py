@@ -101,3 +101,34 @@ def test_run_resumed_after_every_search_ended_says_so_instead_of_counting_steps(
     board.poll()
     line = board.line()
     assert "search: all 2 ended earlier" in line and "steps" not in line, line
+
+
+def test_run_eta_while_an_emission_waits_is_the_searchs_time_left_as_a_lower_bound(tmp_path):
+    """An emission is queued but no trial has trained yet: the retraining has no rate, yet the line
+    still says how long the search has left, as a lower bound ('+'), not 'ETA ?'."""
+    import re
+
+    from pipeline.progress import Board
+
+    out = tmp_path
+    board = Board(out, search_steps=10, epochs_per_trial=1, known_trials=lambda: 1, searches=["t00"],
+                  stream=io.StringIO())  # fmt: skip
+    board.poll()
+    board.line()  # the baseline: nothing restored
+    board.t0 -= 60  # a minute of searching: half of the steps
+    row = {
+        "trial_id": "t00",
+        "step": 5,
+        "epoch": 1,
+        "S": 9.0,
+        "alive_pairs": 20,
+        "loss": 1.0,
+        "img_per_s": 64,
+    }
+    _write(out / "search" / "t00" / "metrics.jsonl", [row])
+    (out / "retrain").mkdir()  # the queued emission: counted by known_trials, no trial row yet
+    board.poll()
+    line = board.line()
+    eta = re.search(r"ETA (\d+)m(\d+)s\+", line)
+    assert eta and 50 <= 60 * int(eta[1]) + int(eta[2]) <= 70, line
+    assert "retrain 0.0/1 epochs" in line, line
