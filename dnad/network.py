@@ -24,6 +24,7 @@ from dnad.cells import (
 )
 from dnad.genotype import CellSpec, Genotype
 from dnad.ops import Phased, StateViews, apply_edge, build_op, is_identity
+from dnad.supernet import node_sum
 
 
 def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -32,6 +33,18 @@ def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     keep = torch.empty(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
     return x * keep / (1.0 - p)
+
+
+def drop_path_term(h: torch.Tensor | Phased, p: float) -> torch.Tensor | Phased:
+    """`drop_path` of an op's output that may still be in the polyphase domain: the same per-sample
+    draws as `drop_path(h.merge(), p)`, applied to each of a sample's four phases."""
+    if not isinstance(h, Phased):
+        return drop_path(h, p)
+    if p <= 0.0:
+        return h
+    n = h.y.shape[0] // 4
+    keep = torch.empty(n, 1, 1, 1, device=h.y.device, dtype=h.y.dtype).bernoulli_(1.0 - p)
+    return h._replace(y=h.y * keep.repeat(4, 1, 1, 1) / (1.0 - p))
 
 
 def auto_drop_path(num_pairs: int, num_cells: int) -> float:
@@ -60,16 +73,14 @@ class DerivedCell(nn.Module):
     def forward(self, s_prev: torch.Tensor | None, s_prev2: torch.Tensor | None) -> torch.Tensor:
         views = StateViews(self.inputs(s_prev, s_prev2))
         for k, node in enumerate(self.spec):
-            acc = None
+            terms: list[torch.Tensor | Phased] = []
             for i, op in node:
                 edge = self.edges[f"{k + 2}_{i}_{op}"]
                 h = apply_edge(edge, views, i)
-                if isinstance(h, Phased):
-                    h = h.merge()
                 if self.training and not is_identity(edge):
-                    h = drop_path(h, self.drop_prob)
-                acc = h if acc is None else acc + h
-            views.states.append(acc)
+                    h = drop_path_term(h, self.drop_prob)
+                terms.append(h)
+            views.states.append(node_sum(terms))
         return torch.cat(views.states[2:], dim=1)
 
 
