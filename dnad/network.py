@@ -27,24 +27,17 @@ from dnad.ops import Phased, StateViews, apply_edge, build_op, is_identity
 from dnad.supernet import node_sum
 
 
-def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Zero whole samples with probability p and rescale the rest by 1/(1-p)."""
+def drop_path(x: torch.Tensor | Phased, p: float) -> torch.Tensor | Phased:
+    """Zero whole samples with probability p and rescale the rest by 1/(1-p). An op's output still in
+    the polyphase domain gets the draws `drop_path(x.merge(), p)` would, on each of a sample's phases."""
     if p <= 0.0:
         return x
-    keep = torch.empty(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    y = x.y if isinstance(x, Phased) else x
+    n = y.shape[0] // 4 if isinstance(x, Phased) else y.shape[0]
+    keep = torch.empty(n, 1, 1, 1, device=y.device, dtype=y.dtype).bernoulli_(1.0 - p)
+    if isinstance(x, Phased):
+        return x._replace(y=y * keep.repeat(4, 1, 1, 1) / (1.0 - p))
     return x * keep / (1.0 - p)
-
-
-def drop_path_term(h: torch.Tensor | Phased, p: float) -> torch.Tensor | Phased:
-    """`drop_path` of an op's output that may still be in the polyphase domain: the same per-sample
-    draws as `drop_path(h.merge(), p)`, applied to each of a sample's four phases."""
-    if not isinstance(h, Phased):
-        return drop_path(h, p)
-    if p <= 0.0:
-        return h
-    n = h.y.shape[0] // 4
-    keep = torch.empty(n, 1, 1, 1, device=h.y.device, dtype=h.y.dtype).bernoulli_(1.0 - p)
-    return h._replace(y=h.y * keep.repeat(4, 1, 1, 1) / (1.0 - p))
 
 
 def auto_drop_path(num_pairs: int, num_cells: int) -> float:
@@ -78,7 +71,7 @@ class DerivedCell(nn.Module):
                 edge = self.edges[f"{k + 2}_{i}_{op}"]
                 h = apply_edge(edge, views, i)
                 if self.training and not is_identity(edge):
-                    h = drop_path_term(h, self.drop_prob)
+                    h = drop_path(h, self.drop_prob)
                 terms.append(h)
             views.states.append(node_sum(terms))
         return torch.cat(views.states[2:], dim=1)

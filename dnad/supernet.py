@@ -187,7 +187,7 @@ def node_sum(xs: list[torch.Tensor | Phased]) -> torch.Tensor:
     BN's backward on a strided grad ran 4-9x slower than on a dense one). Without autograd (evaluation,
     export) the plain sum of the merged terms."""
     grad = torch.is_grad_enabled() and any((x.y if isinstance(x, Phased) else x).requires_grad for x in xs)
-    if not grad or any(isinstance(x, Phased) and (x.h % 2 or x.w % 2) for x in xs):
+    if not grad:
         merged = [x.merge() if isinstance(x, Phased) else x for x in xs]
         acc = merged[0]
         for x in merged[1:]:
