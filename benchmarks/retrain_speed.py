@@ -2,7 +2,7 @@
 network and optimizer, timed alternately in one process (the ratio is what holds from day to day).
 
     python benchmarks/retrain_speed.py [--genotype benchmarks/genotypes/quick_densest.json] [--C 8]
-        [--batch 64] [--steps 30] [--rounds 3] [--threads 1] [--device cpu|cuda] [--modes ...]
+        [--batch 64] [--steps 30] [--rounds 3] [--threads 1] [--device cpu|cuda] [--cuda-graph auto off]
 
 dnad: `dnad.retrain.RetrainLoop` epochs (images/s of its training part, from the epoch records: batch
 preparation, forward, loss, backward, clipping, the optimizer, the non-finite guard; on CUDA each

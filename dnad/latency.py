@@ -30,6 +30,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def malloc_in_use(maps: str | Path = "/proc/self/maps") -> str:
+    """The allocator this process runs on: 'tcmalloc' or 'jemalloc' when one is mapped into it (an
+    LD_PRELOAD), else 'system'; 'unknown' where the process map cannot be read (not Linux)."""
+    try:
+        text = Path(maps).read_text()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in text), "system")
+
+
 def device_description(device: torch.device | str) -> str:
     """e.g. `cpu: Intel(R) Xeon(R) ... (2 cores)` or `cuda: NVIDIA H200`."""
     device = torch.device(device)
@@ -135,5 +145,6 @@ def measure(
         "onnx_device": f"{device_description('cpu')}, onnxruntime {ort.__version__} CPUExecutionProvider",
         "host": socket.gethostname(),
         "torch_version": torch.__version__,
+        "malloc": malloc_in_use(),
         "measured_at": time.time(),
     }

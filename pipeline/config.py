@@ -62,6 +62,11 @@ class RayConfig(Strict):
     max_concurrent: int | None = Field(None, ge=1, description="cap on concurrent trials")
     storage: str | None = Field(None, description="Ray storage_path (local, NFS or s3://); None = OUTPUT/ray")
     max_failures: int = Field(2, ge=0, description="retries of a failing trial or search")
+    allocator: str = Field(
+        "auto",
+        description="malloc of the Ray workers: auto = tcmalloc (libtcmalloc_minimal.so.4) where the "
+        "machine has it, else the system's; system; or the absolute path of a malloc library to LD_PRELOAD",
+    )
     resource_wait_s: int | None = Field(
         None,
         ge=0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,18 @@ def dense_cost(ctx: RunContext) -> tuple[int, int]:
     cell = tuple(tuple((i, o) for i in range(k + 2) for o in ops) for k in range(s.nodes))
     g = Genotype(cells=(cell,) * s.cells, reductions=reduction_indices(s.cells))
     return genotype_cost(g, s.C, m.num_classes, m.in_channels, m.image_size, s.stem, affine=False)
+
+
+def malloc_name(cfg) -> str:
+    """The Ray workers' allocator as the run header names it (`pipeline.raytools.worker_preload`)."""
+    from pipeline.raytools import worker_preload
+
+    preload = worker_preload(cfg.ray.allocator, cfg.ray.address is not None)
+    if preload:
+        return f"tcmalloc ({preload})" if "tcmalloc" in preload else preload
+    if cfg.ray.allocator == "auto" and os.environ.get("LD_PRELOAD"):
+        return f"as LD_PRELOAD={os.environ['LD_PRELOAD']} set here says"
+    return "the system's" + (" (no tcmalloc here)" if cfg.ray.allocator == "auto" else "")
 
 
 def describe_run(ctx: RunContext, resuming: bool) -> str:
@@ -59,7 +72,8 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
         f"  data     {cfg.data.dataset}{root}: {ctx.train_size} search / {retrain_images(ctx)} retrain images, "
         f"{m.val_size} validation (held out of training), {m.test_size} test; {m.in_channels}x{m.image_size}x"
         f"{m.image_size}, {m.num_classes} classes, mean {stats}",
-        f"  ray      {res.cpus} CPUs, {res.gpus} GPUs ({'GPU' if res.use_gpu else 'CPU'} training)",
+        f"  ray      {res.cpus} CPUs, {res.gpus} GPUs ({'GPU' if res.use_gpu else 'CPU'} training); workers' "
+        f"malloc {malloc_name(cfg)}",
         f"  search   {'/'.join(cfg.sweep.strategy or [s.strategy])}: C={s.supernet.C} × {s.supernet.cells} cells, "
         f"S0={s0:.2f}, dense {params:,} params, "
         f"{macs / 1e6:.2f} MMACs; {plan.config.epochs} epochs ({plan.config.warmup_epochs} warm-up) × "

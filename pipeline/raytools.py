@@ -41,8 +41,57 @@ QUIET_ENV = {
 DRIVER_TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> None:
-    """Start a local Ray sized to this machine, or join `address` ('auto' = the running cluster)."""
+# glibc's malloc was ~10 % of a retraining step (perf, 2026-12-02); with tcmalloc preloaded the step
+# ran 1.1x faster, bit for bit the same numbers (README, Speed)
+TCMALLOC = "libtcmalloc_minimal.so.4"
+LIB_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
+
+
+def find_tcmalloc(dirs: tuple[str, ...] = LIB_DIRS) -> str | None:
+    """The path of this machine's tcmalloc (Debian/Ubuntu: apt install libtcmalloc-minimal4), or None."""
+    return next((str(Path(d) / TCMALLOC) for d in dirs if (Path(d) / TCMALLOC).is_file()), None)
+
+
+def worker_preload(allocator: str, joined: bool, env: dict[str, str] | None = None) -> str | None:
+    """What the Ray workers get as LD_PRELOAD for `ray.allocator` (None: the system's malloc). 'auto'
+    on a local Ray: this machine's tcmalloc if it has one; on a joined cluster the library's name,
+    which each node's loader resolves itself (a node without it runs on its system malloc; ld.so
+    notes that in the worker's log). An LD_PRELOAD the user already set is left alone under 'auto'."""
+    env = os.environ if env is None else env
+    if allocator == "system" or (allocator == "auto" and env.get("LD_PRELOAD")):
+        return None
+    if allocator == "auto":
+        return TCMALLOC if joined else find_tcmalloc()
+    return allocator
+
+
+def check_allocator(allocator: str, joined: bool) -> None:
+    """A `ray.allocator` path must be a shared library on this machine (a joined cluster's nodes are
+    not checked: the path is theirs)."""
+    if allocator in ("auto", "system"):
+        return
+    hint = "use auto, system or the path of a malloc library (e.g. /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)"
+    path = Path(allocator)
+    if not path.is_absolute():
+        raise InputError("ray.allocator", allocator, f"not an absolute path; {hint}")
+    if joined:
+        return
+    if not path.is_file():
+        raise InputError("ray.allocator", allocator, f"no such file; {hint}")
+    with path.open("rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise InputError("ray.allocator", allocator, f"not a shared library (no ELF header); {hint}")
+
+
+def start_ray(address: str | None, num_cpus: int | None, allocator: str = "auto") -> None:
+    """Start a local Ray sized to this machine, or join `address` ('auto' = the running cluster); its
+    workers run with `worker_preload(allocator)` as their malloc."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     import ray
@@ -51,6 +100,10 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
 
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {"PYTHONPATH": pythonpath, **QUIET_ENV}
+    preload = worker_preload(allocator, address is not None)
+    if preload:  # Ray execs each worker with these variables set, so the loader sees them at its start
+        env["LD_PRELOAD"] = preload
+        env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)  # no "large alloc" lines in the logs
     if os.environ.get(FAULTS_ENV):  # test hook (pipeline/faults.py): the workers must see it too
         env[FAULTS_ENV] = os.environ[FAULTS_ENV]
     kw: dict[str, Any] = dict(

@@ -54,7 +54,7 @@ def resolve(args: argparse.Namespace):
     """Config + output folder + pre-flight checks (`pipeline.checks.Preflight`); raises InputError
     before anything is touched."""
     from pipeline.checks import check_all
-    from pipeline.raytools import check_address, check_local_resources
+    from pipeline.raytools import check_address, check_allocator, check_local_resources
 
     overrides = list(args.overrides)
     if args.address:
@@ -65,6 +65,7 @@ def resolve(args: argparse.Namespace):
     cfg = cfg.model_copy(update={"output": str(out)})
     explicit = {o.partition("=")[0] for o in args.overrides}
     check_address(cfg.ray.address)  # a cluster that is not there or refuses us: one line within seconds
+    check_allocator(cfg.ray.allocator, cfg.ray.address is not None)
     pre = check_all(cfg, out, args.fresh, explicit)
     check_local_resources(pre.cfg)  # a request this machine can never hold: refused before Ray starts
     return pre, out
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     cfg = pre.cfg
     try:
-        start_ray(cfg.ray.address, cfg.ray.num_cpus)
+        start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.allocator)
         resources = await_resources(cfg)  # never left pending: refused with the numbers, or waited for
         ctx = RunContext(cfg, out, resources, data_meta=pre.retrain, train_size=pre.search.train_size)
     except InputError as e:

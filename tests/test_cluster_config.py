@@ -109,6 +109,7 @@ def test_cluster_yaml_layout(cluster):
 def test_cluster_yaml_installs_project_and_data(cluster):
     setup = "\n".join(cluster["setup_commands"])
     assert "apt-get" in setup and "dataset-fashion-mnist" in setup
+    assert "libtcmalloc-minimal4" in setup  # what ray.allocator=auto preloads into the workers
     assert "git clone" in setup and "https://github.com/dnad-project/dnad.git" in setup
     assert "pip install" in setup and "pip install -q -e ." in setup
     head = "\n".join(cluster["head_setup_commands"])
@@ -129,7 +130,7 @@ def test_onprem_snippet_passes_ray_validation(onprem):
     (node_type,) = prepared["available_node_types"].values()  # Ray's single local node type
     assert node_type["max_workers"] == len(onprem["provider"]["worker_ips"])
     setup = " ".join(onprem["setup_commands"])
-    assert "dataset-fashion-mnist" in setup and "pip install" in setup
+    assert "dataset-fashion-mnist" in setup and "libtcmalloc-minimal4" in setup and "pip install" in setup
 
 
 def test_doc_covers_the_commands():

@@ -26,6 +26,7 @@ from dnad.network import build_model
 from dnad.retrain import RetrainLoop, evaluate
 from pipeline.config import DeployConfig, RetrainStage, RunConfig
 from pipeline.models import base_card, export_and_time
+from pipeline.raytools import find_tcmalloc
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER_GENOTYPE = REPO / "configs" / "teachers" / "darts_v2_5cells.json"
@@ -258,6 +259,8 @@ def test_every_ok_architecture_of_a_run_has_its_model_folder(smoke_run):
         assert card["latency"]["onnx_ms"]["1"] == r.latency_ms_onnx and card["params"] == r.params
         assert (smoke_run / r.model_dir / ONNX).is_file()
         load_model(smoke_run / r.model_dir)
+        # the trial's worker ran on tcmalloc where this machine has it (ray.allocator=auto); make test installs it
+        assert card["latency"]["malloc"] == ("tcmalloc" if find_tcmalloc() else "system")
 
 
 @pytest.mark.slow
