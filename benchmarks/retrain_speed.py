@@ -8,7 +8,9 @@ dnad: `dnad.retrain.RetrainLoop` epochs (images/s of its training part, from the
 preparation, forward, loss, backward, clipping, the optimizer, the non-finite guard; on CUDA each
 step as a CUDA graph with `--cuda-graph auto`). plain: the same architecture written the textbook
 way (`dnad.reference.textbook`: each edge's own forward, plain `F.conv2d` depthwise kernels, NCHW)
-and the same optimizer in a loop of zero_grad / forward / cross-entropy / backward / clip / step.
+and the same optimizer (PyTorch's default implementation of it; dnad's loop builds the fused one on
+the CPU, `--optimizer-impl default` gives it the default too) in a loop of zero_grad / forward /
+cross-entropy / backward / clip / step.
 The two alternate epoch by epoch (`--rounds` of each after one untimed warm-up epoch each). Prints one
 JSON line per mode with images/s and `ratio_vs_plain`. Synthetic 1×28×28 images, 10 classes.
 """
@@ -35,7 +37,7 @@ from dnad.fastops import reference_kernels
 from dnad.genotype import Genotype
 from dnad.network import build_model
 from dnad.reference import textbook
-from dnad.retrain import RetrainLoop, make_optimizer
+from dnad.retrain import RetrainLoop
 
 
 def plain_epoch(model, opt, batches, epoch: int, steps: int, device: str, clip: float) -> float:
@@ -58,6 +60,16 @@ def plain_epoch(model, opt, batches, epoch: int, steps: int, device: str, clip: 
     return seen / (time.perf_counter() - t0)
 
 
+def plain_optimizer(cfg: RetrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of `cfg` as textbook code builds it: PyTorch's default implementation (on the CPU
+    a Python loop over the params; dnad's `make_optimizer` picks the fused kernels there)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
 def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
     data = load_dataset(DataConfig(dataset="fake", image_size=a.size, channels=a.channels, num_classes=10,
                                    fake_size=a.batch * a.steps + 16, val_size=16, augment=False))  # fmt: skip
@@ -68,7 +80,9 @@ def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
     cfg = RetrainConfig(C=a.C, epochs=epochs, batch_size=a.batch, optimizer=a.optimizer, lr=1e-3,
                         auxiliary_weight=0.0, drop_path=0.0, eval_every=0, **extra)  # fmt: skip
     loop = RetrainLoop(cfg, model, data, a.device, test=False)
-    ref_opt = make_optimizer(cfg, ref)
+    if a.optimizer_impl == "default":  # dnad's loop with PyTorch's default optimizer implementation
+        loop.opt = plain_optimizer(cfg, model)
+    ref_opt = plain_optimizer(cfg, ref)
     mine, theirs = [], []
     for e in range(epochs):  # alternate: a dnad epoch, a plain epoch; the first of each is warm-up
         mine.append(loop.run_epoch()["img_per_s"])
@@ -79,6 +93,7 @@ def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
         "img_per_s": round(m, 1), "plain_img_per_s": round(t, 1), "ratio_vs_plain": round(m / t, 2),
         "first_epoch_img_per_s": round(mine[0], 1), **extra, "params": c.params, "macs": c.macs, "C": a.C,
         "batch": a.batch, "steps_per_epoch": a.steps, "rounds": a.rounds, "optimizer": a.optimizer,
+        "optimizer_impl": a.optimizer_impl,
         "threads": torch.get_num_threads(), "device": a.device,
         "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
@@ -95,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="steps per epoch")
     ap.add_argument("--rounds", type=int, default=3, help="timed epochs of each, alternating")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument(
+        "--optimizer-impl", choices=["dnad", "default"], default="dnad",
+        help="dnad's loop with dnad's optimizer (fused on the CPU) or PyTorch's default implementation",
+    )  # fmt: skip
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

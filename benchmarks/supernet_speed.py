@@ -8,8 +8,9 @@ peak_rss_mb, plus the settings and the machine. `--profile` adds a per-op breakd
 `ratio_vs_textbook_dense` / `_half`: the same step of the same super-network written the textbook way
 (`dnad.reference`: each op's own forward, Σ w·op(x) per node, plain `F.conv2d` depthwise kernels, NCHW),
 timed in the same process, alternating block by block with dnad's step (`--rounds` blocks of `--steps`
-steps each), so that the machine's speed of the moment cancels out of the ratio. `--textbook off`
-skips it.
+steps each), so that the machine's speed of the moment cancels out of the ratio; it keeps PyTorch's
+default optimizers, dnad's network gets dnad's (`dnad.optim`; `--optimizer default` for PyTorch's).
+`--textbook off` skips it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dnad import optim
 from dnad.fastops import preferred_format, reference_kernels
 from dnad.reference import textbook
 from dnad.supernet import SuperNet
@@ -43,14 +45,19 @@ PRESETS = {
 }
 
 
-def step_times(
-    net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, opts=None
-) -> list[float]:
-    """Seconds of each of `steps` training steps after `warmup` untimed ones (`opts`: reuse optimizers)."""
-    w_opt, a_opt = opts or (
-        torch.optim.Adam(net.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
-        torch.optim.SGD(net.arch_parameters(), lr=0.2),
+def optimizers(net: SuperNet, fast: bool) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The search's weight and α optimizers: dnad's (`dnad.optim`: fused kernels on the CPU) when `fast`,
+    else PyTorch's defaults, as textbook code builds them."""
+    adam, sgd = (optim.adam, optim.sgd) if fast else (torch.optim.Adam, torch.optim.SGD)
+    return (
+        adam(net.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
+        sgd(net.arch_parameters(), lr=0.2),
     )
+
+
+def step_times(net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, opts) -> list[float]:
+    """Seconds of each of `steps` training steps after `warmup` untimed ones, with the optimizers `opts`."""
+    w_opt, a_opt = opts
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -70,9 +77,11 @@ def step_times(
     return times
 
 
-def step_time(net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> float:
+def step_time(
+    net: SuperNet, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, fast: bool = True
+) -> float:
     """Median seconds of a training step."""
-    return statistics.median(step_times(net, x, y, steps, warmup))
+    return statistics.median(step_times(net, x, y, steps, warmup, optimizers(net, fast)))
 
 
 RSS: dict[str, float] = {}
@@ -82,19 +91,13 @@ def alternating(net: SuperNet, ref: SuperNet, x: torch.Tensor, y: torch.Tensor, 
     """Median step seconds of dnad's `net` and of the textbook `ref`, timed in alternating blocks."""
     mine, theirs = [], []
     xr = x.contiguous(memory_format=torch.contiguous_format)
-    opts = {}
+    mine_opts, ref_opts = optimizers(net, a.optimizer == "dnad"), optimizers(ref, False)
     for r in range(a.rounds):
-        mine += step_times(net, x, y, a.steps, a.warmup if r == 0 else 0, opts.get("m"))
+        mine += step_times(net, x, y, a.steps, a.warmup if r == 0 else 0, mine_opts)
         if r == 0:
             RSS["dnad"] = max(RSS.get("dnad", 0.0), peak_rss_mb())  # before the textbook net has run
         with reference_kernels():
-            theirs += step_times(ref, xr, y, a.steps, a.warmup if r == 0 else 0, opts.get("t"))
-        opts = opts or {
-            "m": (torch.optim.Adam(net.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
-                  torch.optim.SGD(net.arch_parameters(), lr=0.2)),
-            "t": (torch.optim.Adam(ref.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
-                  torch.optim.SGD(ref.arch_parameters(), lr=0.2)),
-        }  # fmt: skip
+            theirs += step_times(ref, xr, y, a.steps, a.warmup if r == 0 else 0, ref_opts)
     return statistics.median(mine), statistics.median(theirs)
 
 
@@ -129,6 +132,10 @@ def main() -> None:
         "--layout", choices=("auto", "nchw", "channels_last"), default="auto",
         help="activation layout (auto = what dnad's training loops use on this device)",
     )  # fmt: skip
+    ap.add_argument(
+        "--optimizer", choices=("dnad", "default"), default="dnad",
+        help="dnad's network's optimizers: dnad's (dnad.optim, fused on the CPU) or PyTorch's defaults",
+    )  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -156,7 +163,7 @@ def main() -> None:
             ref = textbook(net)
             dense, ref_dense = alternating(net, ref, x, y, a)
         else:
-            dense = step_time(net, x, y, a.steps, a.warmup)
+            dense = step_time(net, x, y, a.steps, a.warmup, a.optimizer == "dnad")
         rss_dense = RSS.get("dnad", peak_rss_mb())
         deleted = delete_half(net)
         if a.textbook == "on":
@@ -167,10 +174,11 @@ def main() -> None:
                       "textbook_img_per_s_dense": round(p["batch"] / ref_dense, 2),
                       "textbook_img_per_s_half": round(p["batch"] / ref_half, 2)}  # fmt: skip
         else:
-            half = step_time(net, x, y, a.steps, a.warmup)
+            half = step_time(net, x, y, a.steps, a.warmup, a.optimizer == "dnad")
     out = {
         "preset": a.preset, "device": str(dev), "threads": a.threads, "batch": p["batch"],
         "layout": "channels_last" if fmt == torch.channels_last else "nchw", "kernels": a.kernels,
+        "optimizer": a.optimizer,
         "img_per_s_dense": round(p["batch"] / dense, 2), "img_per_s_half": round(p["batch"] / half, 2), **ratios,
         "step_s_dense": round(dense, 4), "step_s_half": round(half, 4), "pairs_deleted": deleted,
         "pairs_total": int(net.alpha.numel()),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dnad import optim
 from dnad.config import RetrainConfig
 from dnad.cudagraph import StaticStep, unsupported_reason
 from dnad.data import BatchIterator, DatasetBundle
@@ -44,10 +45,8 @@ def lr_at(cfg: RetrainConfig, epoch: int, step_frac: float = 0.0) -> float:
 def make_optimizer(cfg: RetrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The weight optimizer of `cfg.optimizer` (its lr is set every step from `lr_at`)."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+        return optim.adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optim.sgd(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def eval_batch_size(device: torch.device | str) -> int:

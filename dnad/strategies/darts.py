@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dnad import optim
 from dnad.config import SearchConfig
 from dnad.data import BatchIterator, DatasetBundle, halves
 from dnad.genotype import Genotype
@@ -52,11 +53,11 @@ class DartsSearch(EpochSearch):
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=ids, find_unused_parameters=True
             )
-        self.w_opt = torch.optim.Adam(
+        self.w_opt = optim.adam(
             self.net.weight_parameters(), lr=cfg.w_lr, betas=cfg.w_betas, weight_decay=cfg.w_weight_decay
         )
         d = cfg.darts
-        self.a_opt = torch.optim.Adam(
+        self.a_opt = optim.adam(
             self.net.arch_parameters(), lr=d.a_lr, betas=d.a_betas, weight_decay=d.a_weight_decay
         )
         self.guard = NonFiniteGuard("search", cfg.max_nonfinite)

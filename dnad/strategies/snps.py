@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dnad import optim
 from dnad.complexity import relative_cost_weights
 from dnad.config import SearchConfig
 from dnad.data import DatasetBundle
@@ -118,11 +119,11 @@ class SearchLoop(EpochSearch):
                 self.module, device_ids=ids, find_unused_parameters=True
             )
         self.adapter_params = list(distiller.parameters()) if distiller is not None else []
-        self.w_opt = torch.optim.Adam(
+        self.w_opt = optim.adam(
             self.net.weight_parameters() + self.adapter_params,
             lr=cfg.w_lr, betas=cfg.w_betas, weight_decay=cfg.w_weight_decay,
         )  # fmt: skip
-        self.a_opt = torch.optim.SGD(self.net.arch_parameters(), lr=cfg.a_lr, momentum=cfg.a_momentum)
+        self.a_opt = optim.sgd(self.net.arch_parameters(), lr=cfg.a_lr, momentum=cfg.a_momentum)
         self.controller = ShrinkController(cfg.shrink)
         self.guard = NonFiniteGuard("search", cfg.max_nonfinite)
         self.bn_stats = BatchNormStats(self.module)  # put back when a step is skipped
