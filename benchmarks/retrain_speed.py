@@ -37,7 +37,7 @@ from dnad.fastops import reference_kernels
 from dnad.genotype import Genotype
 from dnad.network import build_model
 from dnad.reference import textbook
-from dnad.retrain import RetrainLoop
+from dnad.retrain import RetrainLoop, make_optimizer
 
 
 def plain_epoch(model, opt, batches, epoch: int, steps: int, device: str, clip: float) -> float:
@@ -60,16 +60,6 @@ def plain_epoch(model, opt, batches, epoch: int, steps: int, device: str, clip: 
     return seen / (time.perf_counter() - t0)
 
 
-def plain_optimizer(cfg: RetrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of `cfg` as textbook code builds it: PyTorch's default implementation (on the CPU
-    a Python loop over the params; dnad's `make_optimizer` picks the fused kernels there)."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-
-
 def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
     data = load_dataset(DataConfig(dataset="fake", image_size=a.size, channels=a.channels, num_classes=10,
                                    fake_size=a.batch * a.steps + 16, val_size=16, augment=False))  # fmt: skip
@@ -81,8 +71,8 @@ def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
                         auxiliary_weight=0.0, drop_path=0.0, eval_every=0, **extra)  # fmt: skip
     loop = RetrainLoop(cfg, model, data, a.device, test=False)
     if a.optimizer_impl == "default":  # dnad's loop with PyTorch's default optimizer implementation
-        loop.opt = plain_optimizer(cfg, model)
-    ref_opt = plain_optimizer(cfg, ref)
+        loop.opt = make_optimizer(cfg, model, fast=False)
+    ref_opt = make_optimizer(cfg, ref, fast=False)
     mine, theirs = [], []
     for e in range(epochs):  # alternate: a dnad epoch, a plain epoch; the first of each is warm-up
         mine.append(loop.run_epoch()["img_per_s"])

@@ -48,10 +48,9 @@ PRESETS = {
 def optimizers(net: SuperNet, fast: bool) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """The search's weight and α optimizers: dnad's (`dnad.optim`: fused kernels on the CPU) when `fast`,
     else PyTorch's defaults, as textbook code builds them."""
-    adam, sgd = (optim.adam, optim.sgd) if fast else (torch.optim.Adam, torch.optim.SGD)
     return (
-        adam(net.weight_parameters(), lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
-        sgd(net.arch_parameters(), lr=0.2),
+        optim.adam(net.weight_parameters(), fast, lr=5e-4, betas=(0.5, 0.999), weight_decay=3e-4),
+        optim.sgd(net.arch_parameters(), fast, lr=0.2),
     )
 
 

@@ -50,31 +50,32 @@ def match_layouts(opt: torch.optim.Optimizer) -> int:
     return moved
 
 
-def _before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def _match_layouts_hook(opt: torch.optim.Optimizer, *_: Any) -> None:
+    """`match_layouts` as a step pre-hook (opt, args, kwargs) and a load-state-dict post-hook (opt)."""
     match_layouts(opt)
 
 
-def _after_load(opt: torch.optim.Optimizer) -> None:
-    match_layouts(opt)
-
-
-def _guarded(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def _build(cls: type[torch.optim.Optimizer], params: Iterable[torch.Tensor], fast: bool, kw: Any) -> Any:
+    ps = list(params)
+    if not fast:
+        return cls(ps, **kw)
+    opt = cls(ps, **kw, **fast_options(ps))
     if opt.defaults.get("fused"):
-        opt.register_step_pre_hook(_before_step)
-        opt.register_load_state_dict_post_hook(_after_load)
+        opt.register_step_pre_hook(_match_layouts_hook)
+        opt.register_load_state_dict_post_hook(_match_layouts_hook)
     return opt
 
 
-def adam(params: Iterable[torch.Tensor], **kw: Any) -> torch.optim.Adam:
-    ps = list(params)
-    return _guarded(torch.optim.Adam(ps, **kw, **fast_options(ps)))
+def adam(params: Iterable[torch.Tensor], fast: bool = True, **kw: Any) -> torch.optim.Adam:
+    """`torch.optim.Adam(params, **kw)`, fused and guarded on the CPU; `fast=False`: PyTorch's default."""
+    return _build(torch.optim.Adam, params, fast, kw)
 
 
-def adamw(params: Iterable[torch.Tensor], **kw: Any) -> torch.optim.AdamW:
-    ps = list(params)
-    return _guarded(torch.optim.AdamW(ps, **kw, **fast_options(ps)))
+def adamw(params: Iterable[torch.Tensor], fast: bool = True, **kw: Any) -> torch.optim.AdamW:
+    """`torch.optim.AdamW(params, **kw)`, as `adam`."""
+    return _build(torch.optim.AdamW, params, fast, kw)
 
 
-def sgd(params: Iterable[torch.Tensor], **kw: Any) -> torch.optim.SGD:
-    ps = list(params)
-    return _guarded(torch.optim.SGD(ps, **kw, **fast_options(ps)))
+def sgd(params: Iterable[torch.Tensor], fast: bool = True, **kw: Any) -> torch.optim.SGD:
+    """`torch.optim.SGD(params, **kw)`, as `adam`."""
+    return _build(torch.optim.SGD, params, fast, kw)

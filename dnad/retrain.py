@@ -42,11 +42,13 @@ def lr_at(cfg: RetrainConfig, epoch: int, step_frac: float = 0.0) -> float:
     return cfg.lr * max(0.0, 1.0 - (e - cfg.warmup_epochs) / span)
 
 
-def make_optimizer(cfg: RetrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The weight optimizer of `cfg.optimizer` (its lr is set every step from `lr_at`)."""
+def make_optimizer(cfg: RetrainConfig, model: nn.Module, fast: bool = True) -> torch.optim.Optimizer:
+    """The weight optimizer of `cfg.optimizer` (its lr is set every step from `lr_at`); `fast`: fused
+    on the CPU (`dnad.optim`), else PyTorch's default implementation (the benchmarks' baseline)."""
+    ps = model.parameters()
     if cfg.optimizer == "adamw":
-        return optim.adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return optim.sgd(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return optim.adamw(ps, fast, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optim.sgd(ps, fast, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def eval_batch_size(device: torch.device | str) -> int:

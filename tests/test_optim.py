@@ -80,6 +80,9 @@ def test_fast_options_only_where_the_kernels_are() -> None:
     assert optim.fast_options([]) == {}
     assert optim.fast_options([torch.zeros(3, dtype=torch.int64)]) == {}
     assert optim.fast_options([torch.zeros(3, device="meta")]) == {}
+    w = torch.zeros(3, requires_grad=True)
+    assert not optim.adamw([w], fast=False, lr=1e-3).defaults.get("fused")  # the benchmarks' baseline
+    assert optim.adamw([w], lr=1e-3).defaults.get("fused")
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
