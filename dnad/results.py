@@ -261,7 +261,7 @@ def summary_table(archs: pd.DataFrame) -> str:
     lat = deploy_latency(df)
     for r, ms in zip(df.itertuples(), lat):
         ok = r.status == "ok"
-        val = f"{100 * r.val_acc:6.2f}%" if ok else "failed"
+        val = f"{100 * r.val_acc:6.2f}%" if ok else str(r.status)
         test = f"{100 * r.test_acc:6.2f}%" if ok else ""
         star = "".join(
             c if f else "-"
@@ -314,18 +314,40 @@ def _trial_key(arch_id: str, repeat: int) -> str:
     return arch_id if repeat == 0 else f"{arch_id}-r{repeat}"
 
 
+def skipped_path(output_dir: str | Path, arch_id: str) -> Path:
+    """`retrain/<arch_id>.skipped.json`: the architecture was not retrained on purpose (a near-duplicate
+    by MACs, `retrain.min_macs_gap`); holds {"near": the kept arch id, "macs", "near_macs", "gap"}."""
+    return Path(output_dir) / "retrain" / f"{arch_id}.skipped.json"
+
+
+def skip_reason(skip: dict[str, Any]) -> str:
+    """One line saying why an architecture was skipped (from its `skipped_path` record)."""
+    return (
+        f"{float(skip['macs']) / 1e6:.2f} MMACs, within {100 * float(skip['gap']):g} % of "
+        f"{skip['near']} ({float(skip['near_macs']) / 1e6:.2f}), which is retrained"
+    )
+
+
 def retrain_results(
     output_dir: str | Path, arch_ids: list[str], repeats: int = 1, epochs: int | None = None
 ) -> pd.DataFrame:
     """One row per (arch, repeat) of a run, finished or not: a trial's `retrain/<key>.result.json`
-    when it has one ("ok" or "failed"), else its per-epoch `retrain/<key>.jsonl` ("running": the last
-    epoch's accuracies; an older run folder's history that reached `epochs` counts as "ok"), else
-    "pending". `<key>` is the arch id, `-r<k>` for repeat k."""
+    when it has one ("ok" or "failed"), else "skipped" when the architecture has a `skipped_path`
+    record, else its per-epoch `retrain/<key>.jsonl` ("running": the last epoch's accuracies; an older
+    run folder's history that reached `epochs` counts as "ok"), else "pending". `<key>` is the arch id, `-r<k>` for repeat k."""
     out, rows = Path(output_dir), []
     for arch_id in arch_ids:
+        try:
+            skip = json.loads(skipped_path(out, arch_id).read_text())
+        except (OSError, ValueError):
+            skip = None
         for k in range(repeats):
             key = _trial_key(arch_id, k)
             row: dict[str, Any] = {"arch_id": arch_id, "repeat": k}
+            if skip is not None and not (out / "retrain" / f"{key}.result.json").is_file():
+                rows.append(row | {"retrain_epochs": 0, "wall_s": 0.0, "status": "skipped",
+                                   "error": skip_reason(skip)})  # fmt: skip
+                continue
             try:
                 row |= json.loads((out / "retrain" / f"{key}.result.json").read_text())
                 rows.append(row)

@@ -129,6 +129,15 @@ class RetrainStage(RetrainConfig):
         description="stream=front: the other emissions are retrained when their search has "
         "finished (after_search) or not at all (none)",
     )
+    min_macs_gap: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="skip an emission whose MACs are within this fraction of those of an architecture "
+        "already kept from the same search (0.05: within 5 %): the front cannot tell such near-duplicates "
+        "apart, and each costs a trial; 0 retrains every emission. Emissions of different sweep points "
+        "are never compared",
+    )
     repeats: int = Field(
         1,
         ge=1,

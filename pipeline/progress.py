@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dnad.checkpoint import atomic_write_text
-from dnad.results import read_jsonl
+from dnad.results import read_jsonl, skip_reason
 
 Row = dict[str, Any]
 
@@ -226,8 +226,10 @@ class Board(Progress):
 
     def poll(self) -> None:
         super().poll()
-        for f in sorted(self.out.glob("search/*/result.json")) + sorted(
-            self.out.glob("retrain/*.result.json")
+        for f in (
+            sorted(self.out.glob("search/*/result.json"))
+            + sorted(self.out.glob("retrain/*.result.json"))
+            + sorted(self.out.glob("retrain/*.skipped.json"))
         ):
             if f in self.seen_results:
                 continue
@@ -237,7 +239,10 @@ class Board(Progress):
             except (OSError, ValueError):
                 self.seen_results.discard(f)
                 continue
-            if f.name == "result.json":
+            if f.name.endswith(".skipped.json"):
+                arch = f.name.removesuffix(".skipped.json")
+                self._notes.append(f"[retrain] {arch} not retrained: {skip_reason(r)} (retrain.min_macs_gap)")
+            elif f.name == "result.json":
                 tid = f.parent.name
                 self._notes.append(
                     f"[search] {tid} failed: {r['error']}" if r.get("error") else f"[search] {tid} finished"
@@ -282,7 +287,7 @@ class Board(Progress):
             if new_steps > 0
             else None
         )
-        results = [f for f in self.seen_results if f.name != "result.json"]
+        results = [f for f in self.seen_results if f.name.endswith(".result.json")]
         total = self.known_trials() * self.epochs_per_trial * EPOCH_SCALE
         r_units = min(sum(r_done.values()), total) if total else 0
         r_new = r_units - restored_r

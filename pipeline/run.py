@@ -153,8 +153,8 @@ def finish(ctx, t0: float) -> int:
     r = ctx.cfg.retrain
     retrained = retrain_results(ctx.out, list(archs["arch_id"]) if len(archs) else [], r.repeats, r.epochs)
     atomic_write_bytes(ctx.out / "retrained.parquet", retrained.to_parquet(index=False))
-    ok = int((retrained["status"] == "ok").sum())
-    ctx.mark_done("retrain", {"ok": ok, "failed": len(retrained) - ok})
+    ok, skipped = (int((retrained["status"] == s).sum()) for s in ("ok", "skipped"))
+    ctx.mark_done("retrain", {"ok": ok, "skipped": skipped, "failed": len(retrained) - ok - skipped})
     print(f"[collect] {len(archs)} distinct architectures")
     print(publish(ctx.out, architectures_table(archs, retrained, read_cards(ctx.out))))
     print(f"done in {time.monotonic() - t0:.0f} s; results in {ctx.out}")

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dnad.results import pareto_mask
+from dnad.checkpoint import atomic_write_text
+from dnad.results import pareto_mask, skipped_path
 from pipeline.context import RunContext
 from pipeline.retrain import read_result, result_path, trial_key
 
@@ -55,6 +56,9 @@ class StreamState:
         for p in self.searches:
             (ctx.out / "search" / p["trial_id"] / "result.json").unlink(missing_ok=True)
         self.start, self.stream, self.rest, self.repeats = r.start, r.stream, r.rest, r.repeats
+        self.gap = r.min_macs_gap
+        self.kept: dict[str, list[tuple[str, float]]] = {}  # trial id -> (arch id, MACs) not skipped
+        self.skipped: set[str] = set()
         self.seen: dict[str, dict[str, Any]] = {}  # arch id -> its first emission
         self.held: list[
             str
@@ -106,6 +110,8 @@ class StreamState:
             if arch in self.seen:
                 continue
             self.seen[arch] = e
+            if self._skip(e):
+                continue
             self._release(arch) if streams else self.held.append(arch)
         everything = self.all_ended()
         for arch in list(self.held):
@@ -117,6 +123,26 @@ class StreamState:
                     self._release(arch)
                 else:
                     self.held.remove(arch)  # stream=front, rest=none: not retrained
+
+    def _skip(self, e: dict[str, Any]) -> bool:
+        """Whether emission `e` is a near-duplicate by MACs (`retrain.min_macs_gap`) of an architecture
+        kept from the same search: then it is recorded as skipped (`dnad.results.skipped_path`) and never
+        queued. An architecture already retrained by an earlier run of this command is kept."""
+        arch, macs = e["arch_id"], float(e["macs"])
+        kept = self.kept.setdefault(e["trial_id"], [])
+        marker = skipped_path(self.out, arch)
+        rel = [(abs(macs - m) / max(macs, m, 1e-12), a, m) for a, m in kept]
+        near = min(rel, default=None)
+        done = read_result(self.out, trial_key(arch, 0))
+        if near is None or near[0] >= self.gap or (done is not None and done.get("status") == "ok"):
+            kept.append((arch, macs))
+            marker.unlink(missing_ok=True)  # a decision of an earlier run with another gap
+            return False
+        self.skipped.add(arch)
+        if not marker.is_file():
+            row = {"arch_id": arch, "near": near[1], "macs": macs, "near_macs": near[2], "gap": self.gap}
+            atomic_write_text(marker, json.dumps(row))
+        return True
 
     def _release(self, arch: str) -> None:
         if arch in self.held:

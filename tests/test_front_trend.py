@@ -67,6 +67,12 @@ def test_the_summary_ends_with_the_trend():
     assert "trend" not in summary_table(_archs([1e6, 2e6], [0.80, 0.81]))
 
 
+def test_the_summary_says_which_rows_were_skipped_or_failed_rather_than_calling_all_failed():
+    text = summary_table(_archs([1e6, 2e6, 4e6], [0.80, np.nan, np.nan], status=["ok", "skipped", "failed"]))
+    rows = {line.split()[0]: line for line in text.splitlines()[1:4]}
+    assert "80.00%" in rows["a0"] and " skipped " in rows["a1"] and " failed " in rows["a2"], text
+
+
 def test_the_report_states_the_trend(tmp_path):
     archs = make_run_folder(tmp_path / "run")
     t = front_trend(archs)

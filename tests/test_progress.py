@@ -132,3 +132,23 @@ def test_run_eta_while_an_emission_waits_is_the_searchs_time_left_as_a_lower_bou
     eta = re.search(r"ETA (\d+)m(\d+)s\+", line)
     assert eta and 50 <= 60 * int(eta[1]) + int(eta[2]) <= 70, line
     assert "retrain 0.0/1 epochs" in line, line
+
+
+def test_a_skipped_architecture_is_announced_once_and_not_counted_as_done(tmp_path):
+    from pipeline.progress import Board
+
+    out = tmp_path
+    (out / "retrain").mkdir()
+    (out / "retrain" / "b.skipped.json").write_text(
+        json.dumps({"arch_id": "b", "near": "a", "macs": 22.61e6, "near_macs": 23.36e6, "gap": 0.05})
+    )
+    stream = io.StringIO()
+    board = Board(out, search_steps=10, epochs_per_trial=1, known_trials=lambda: 1, searches=["t00"],
+                  stream=stream)  # fmt: skip
+    board.poll()
+    board.poll()  # a second look at the same file says nothing more
+    line = board.line()
+    assert "(0 running, 0 done)" in line, line
+    said = [n for n in board._notes if "not retrained" in n]
+    assert said == ["[retrain] b not retrained: 22.61 MMACs, within 5 % of a (23.36), which is retrained "
+                    "(retrain.min_macs_gap)"], said  # fmt: skip

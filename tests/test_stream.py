@@ -113,3 +113,47 @@ def test_with_a_spare_slot_retraining_starts_while_a_search_still_runs(smoke_run
     assert (archs["retrain_started_at"] < archs["retrain_finished_at"]).all()
     console = (smoke_run.parent / "console.log").read_text()
     assert "[search] t00 emitted" in console and "[retrain] " in console  # both on one console
+
+
+def test_a_near_duplicate_by_macs_of_the_same_search_is_skipped_and_said_so(tmp_path):
+    """retrain.min_macs_gap=0.05: an emission within 5 % of the MACs of one kept from the same search
+    is not queued; it is recorded (the table's status "skipped", naming the kept one). Another search's
+    emission at the same MACs is kept (a sweep compares them); 7.6 % apart is kept."""
+    from dnad.results import retrain_results, skipped_path
+
+    state = StreamState(_ctx(tmp_path, min_macs_gap=0.05), POINTS)
+    _drain(state)
+    for i, (arch, macs) in enumerate([("a", 23.36e6), ("b", 22.61e6), ("c", 14.1e6), ("d", 13.5e6),
+                                      ("f", 5.15e6), ("g", 4.76e6)]):  # fmt: skip
+        _emit(tmp_path, "t00", i, arch, macs, 0.5)
+    _emit(tmp_path, "t01", 0, "e", 22.9e6, 0.5)
+    assert [i["arch"]["arch_id"] for i in _drain(state)] == ["a", "c", "f", "g", "e"]
+    assert state.skipped == {"b", "d"}
+    skip = json.loads(skipped_path(tmp_path, "b").read_text())
+    assert skip["near"] == "a" and skip["gap"] == 0.05 and skip["macs"] == 22.61e6
+    rows = retrain_results(tmp_path, ["a", "b", "d"], 1, 1).set_index("arch_id")
+    assert list(rows["status"]) == ["pending", "skipped", "skipped"]
+    assert "within 5 % of a (23.36)" in rows.loc["b", "error"] and "of c" in rows.loc["d", "error"]
+    _end(tmp_path, "t00")
+    _end(tmp_path, "t01")
+    assert _drain(state) == [] and state.finished()
+
+
+def test_skipping_is_decided_again_when_the_run_resumes(tmp_path):
+    """With gap 0 on the resumed run the skipped architecture is queued and its record goes; one that
+    an earlier run retrained is never skipped (nor retrained again)."""
+    from dnad.results import skipped_path
+
+    _emit(tmp_path, "t00", 0, "a", 10.0e6, 0.5)
+    _emit(tmp_path, "t00", 1, "b", 9.8e6, 0.5)
+    _emit(tmp_path, "t00", 2, "c", 9.7e6, 0.5)
+    first = StreamState(_ctx(tmp_path, min_macs_gap=0.05), POINTS[:1])
+    assert [i.get("arch", {}).get("arch_id") for i in _drain(first)] == [None, "a"]
+    assert skipped_path(tmp_path, "b").is_file() and skipped_path(tmp_path, "c").is_file()
+    (tmp_path / "retrain" / "b.result.json").write_text(json.dumps({"status": "ok"}))
+    again = StreamState(_ctx(tmp_path, min_macs_gap=0.05), POINTS[:1])
+    assert [i.get("arch", {}).get("arch_id") for i in _drain(again)] == [None, "a"]
+    assert not skipped_path(tmp_path, "b").exists() and skipped_path(tmp_path, "c").is_file()
+    everything = StreamState(_ctx(tmp_path, min_macs_gap=0.0), POINTS[:1])
+    assert [i.get("arch", {}).get("arch_id") for i in _drain(everything)] == [None, "a", "c"]
+    assert not skipped_path(tmp_path, "c").exists()
