@@ -80,7 +80,9 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
         f"{plan.steps_per_epoch} steps = {plan.steps} steps{scaled}; {kd}; {len(points)} sweep point(s), {where} each",
         f"  retrain  C={r.C}, {r.epochs} epoch(s) = {r_steps} steps on {retrain_images(ctx)} images"
         f"{'' if rd.augment else ' (no augmentation)'}, {'AdamW' if r.optimizer == 'adamw' else 'SGD'} lr {r.lr}, "
-        f"batch {r.batch_size}; chosen on {m.val_size} validation images, tested on {m.test_size} test images",
+        f"batch {r.batch_size}; chosen on {m.val_size} validation images, tested on {m.test_size} test images"
+        + (f"; an emission within {100 * gap:g} % of the MACs of one kept from its search is not retrained"
+           if (gap := cfg.retrain.min_macs_gap) else ""),
     ])  # fmt: skip
 
 

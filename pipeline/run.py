@@ -155,7 +155,9 @@ def finish(ctx, t0: float) -> int:
     atomic_write_bytes(ctx.out / "retrained.parquet", retrained.to_parquet(index=False))
     ok, skipped = (int((retrained["status"] == s).sum()) for s in ("ok", "skipped"))
     ctx.mark_done("retrain", {"ok": ok, "skipped": skipped, "failed": len(retrained) - ok - skipped})
-    print(f"[collect] {len(archs)} distinct architectures")
+    n_skip = retrained.loc[retrained["status"] == "skipped", "arch_id"].nunique()
+    print(f"[collect] {len(archs)} distinct architectures"
+          + (f", {n_skip} not retrained (retrain.min_macs_gap)" if n_skip else ""))  # fmt: skip
     print(publish(ctx.out, architectures_table(archs, retrained, read_cards(ctx.out))))
     print(f"done in {time.monotonic() - t0:.0f} s; results in {ctx.out}")
     return 0
