@@ -139,9 +139,11 @@ class StreamState:
             marker.unlink(missing_ok=True)  # a decision of an earlier run with another gap
             return False
         self.skipped.add(arch)
-        if not marker.is_file():
-            row = {"arch_id": arch, "near": near[1], "macs": macs, "near_macs": near[2], "gap": self.gap}
-            atomic_write_text(marker, json.dumps(row))
+        text = json.dumps(
+            {"arch_id": arch, "near": near[1], "macs": macs, "near_macs": near[2], "gap": self.gap}
+        )
+        if not marker.is_file() or marker.read_text() != text:  # a resumed run with another gap rewrites it
+            atomic_write_text(marker, text)
         return True
 
     def _release(self, arch: str) -> None:

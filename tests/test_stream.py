@@ -154,6 +154,9 @@ def test_skipping_is_decided_again_when_the_run_resumes(tmp_path):
     again = StreamState(_ctx(tmp_path, min_macs_gap=0.05), POINTS[:1])
     assert [i.get("arch", {}).get("arch_id") for i in _drain(again)] == [None, "a"]
     assert not skipped_path(tmp_path, "b").exists() and skipped_path(tmp_path, "c").is_file()
+    wider = StreamState(_ctx(tmp_path, min_macs_gap=0.1), POINTS[:1])
+    _drain(wider)
+    assert json.loads(skipped_path(tmp_path, "c").read_text())["gap"] == 0.1  # the record says which gap
     everything = StreamState(_ctx(tmp_path, min_macs_gap=0.0), POINTS[:1])
     assert [i.get("arch", {}).get("arch_id") for i in _drain(everything)] == [None, "a", "c"]
     assert not skipped_path(tmp_path, "c").exists()
