@@ -344,16 +344,16 @@ def retrain_results(
         for k in range(repeats):
             key = _trial_key(arch_id, k)
             row: dict[str, Any] = {"arch_id": arch_id, "repeat": k}
-            if skip is not None and not (out / "retrain" / f"{key}.result.json").is_file():
-                rows.append(row | {"retrain_epochs": 0, "wall_s": 0.0, "status": "skipped",
-                                   "error": skip_reason(skip)})  # fmt: skip
-                continue
             try:
                 row |= json.loads((out / "retrain" / f"{key}.result.json").read_text())
                 rows.append(row)
                 continue
             except (OSError, ValueError):
                 pass
+            if skip is not None:
+                rows.append(row | {"retrain_epochs": 0, "wall_s": 0.0, "status": "skipped",
+                                   "error": skip_reason(skip)})  # fmt: skip
+                continue
             hist = [
                 r for r in read_jsonl(out / "retrain" / f"{key}.jsonl") if "epoch" in r and "test_acc" in r
             ]

@@ -44,6 +44,12 @@ def search_ended(out: Path, tid: str) -> bool:
     return (Path(out) / "search" / tid / "emissions.json").is_file()
 
 
+def _finished(out: Path, arch: str, repeat: int = 0) -> bool:
+    """Whether the retraining (arch, repeat) finished ok in an earlier run of this command."""
+    done = read_result(out, trial_key(arch, repeat))
+    return done is not None and done.get("status") == "ok"
+
+
 class StreamState:
     """The retraining queue, fed by the emission files of the searches. Pure bookkeeping (no Ray): what
     to retrain next, and whether anything more can come."""
@@ -133,8 +139,7 @@ class StreamState:
         marker = skipped_path(self.out, arch)
         rel = [(abs(macs - m) / max(macs, m, 1e-12), a, m) for a, m in kept]
         near = min(rel, default=None)
-        done = read_result(self.out, trial_key(arch, 0))
-        if near is None or near[0] >= self.gap or (done is not None and done.get("status") == "ok"):
+        if near is None or near[0] >= self.gap or _finished(self.out, arch):
             kept.append((arch, macs))
             marker.unlink(missing_ok=True)  # a decision of an earlier run with another gap
             return False
@@ -154,8 +159,7 @@ class StreamState:
         self.released.add(arch)
         e = self.seen[arch]
         for k in range(self.repeats):
-            done = read_result(self.out, trial_key(arch, k))
-            if done is not None and done.get("status") == "ok":
+            if _finished(self.out, arch, k):
                 continue  # finished in an earlier run of this command
             self.queue.append({"arch_id": arch, "genotype": e["genotype"], "repeat": k})
 
