@@ -202,86 +202,6 @@ def phase(x: torch.Tensor, a: int, fmt: torch.memory_format | None = None) -> to
     return _Phase.apply(x, a, layout_of(x) if fmt is None else fmt)
 
 
-def _weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
-    """d loss / d weight of a stride-1 depthwise conv of `x` (padding `padding`) given its output grad."""
-    pad, mask = [padding, padding], [False, True, False]
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, [1, 1], pad, [1, 1], False, [0, 0], weight.shape[0], mask
-    )[1]
-
-
-def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The weight grad of a stride-1 'same' depthwise conv (odd k, padding (k-1)/2) of channels_last `x`.
-
-    For k = 5, oneDNN's channels_last weight-grad kernel ran 2× slower than four of its 3×3 ones on
-    shifted windows of the padded input (valid convs, together the 25 taps; the centre row and column
-    twice): 2.87 → 1.65 ms at 256×8×14×14, 1.38 → 0.70 at 256×16×7×7, one thread, 2026-12-04, AMD EPYC.
-    Other sizes take oneDNN's own.
-    """
-    k = weight.shape[-1]
-    if k != 5:
-        return _weight_grad(x, grad, weight, k // 2)
-    h, w = x.shape[2], x.shape[3]
-    xp = F.pad(x, (2, 2, 2, 2))
-    w3 = weight.new_empty((weight.shape[0], 1, 3, 3))
-    out = weight.new_empty(weight.shape)
-    for a in (0, 2):
-        for b in (0, 2):
-            window = xp[:, :, a : a + h + 2, b : b + w + 2].contiguous(memory_format=torch.channels_last)
-            out[:, :, a : a + 3, b : b + 3] = _weight_grad(window, grad, w3, 0)
-    return out
-
-
-class _DepthwiseSame(torch.autograd.Function):
-    """A stride-1 'same' depthwise conv of a channels_last map (odd k, dilation 1) with a faster CPU
-    backward: the input grad as the forward conv of the grad with the flipped kernel (oneDNN's own
-    backward-data kernel ran 2× slower: 1.06 → 0.50 ms for a 5×5 at 256×8×14×14, 0.37 → 0.20 for a 3×3
-    at 64×8×28×28), the weight grad by `depthwise_weight_grad`. Same sums in another order: the grads
-    match aten's to float32 rounding (tests)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, None, 1, weight.shape[-1] // 2, 1, weight.shape[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = F.conv2d(grad, weight.flip((2, 3)), None, 1, weight.shape[-1] // 2, 1, weight.shape[0])
-        if ctx.needs_input_grad[1]:
-            gw = depthwise_weight_grad(x, grad, weight)
-        return gx, gw
-
-
-def _fast_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a stride-1 'same' depthwise conv of `x` runs through `_DepthwiseSame`: a channels_last
-    CPU map in a pass that records grads, outside tracing and compilation (exporters see aten's conv),
-    in a process on one thread (a retraining trial's CPU). Measured on 2026-12-04 (AMD EPYC), toggled
-    epoch by epoch in one process: the `quick` family's densest retraining step 1.06-1.09× with it, its
-    sparsest 1.03×, the `quick` search step on one thread 1.02-1.05×; on two threads (the search's) the
-    search step ran 0.96-1.03×, oneDNN's own backward spreading better over the threads."""
-    return (
-        x.device.type == "cpu"
-        and torch.get_num_threads() == 1
-        and torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad)
-        and layout_of(x) == torch.channels_last
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-    )
-
-
-def depthwise_same(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.conv2d(x, weight, None, 1, k // 2, 1, C)` for a (C, 1, k, k) weight, odd k: a stride-1 'same'
-    depthwise conv, with `_DepthwiseSame`'s backward where `_fast_backward` allows."""
-    if _fast_backward(x, weight):
-        return _DepthwiseSame.apply(x, weight)
-    return F.conv2d(x, weight, None, 1, weight.shape[-1] // 2, 1, weight.shape[0])
-
-
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise k×k conv, 'same' padding, no bias: an `nn.Conv2d` with a faster CPU forward.
 
@@ -327,9 +247,7 @@ class DepthwiseConv2d(nn.Conv2d):
             return self._conv_forward(x, self.weight, None)
         fmt = layout_of(x)
         if impl == "cl":
-            xc = relayout(x, torch.channels_last)
-            same = self.stride[0] == 1 and self.dilation[0] == 1
-            y = depthwise_same(xc, self.weight) if same else self._conv_forward(xc, self.weight, None)
+            y = self._conv_forward(relayout(x, torch.channels_last), self.weight, None)
             return relayout(y, fmt)
         # polyphase: one phase of a dilation-2 conv is an undilated conv with the same weight
         inner = inner_format(impl)
@@ -341,7 +259,7 @@ class DepthwiseConv2d(nn.Conv2d):
     def undilated(self, xp: torch.Tensor) -> torch.Tensor:
         """The polyphase variants' inner conv: this weight, dilation 1, stride 1, 'same' padding, run on
         `split_phases(x)` (stride 1) or `phase(x, 0)` (stride 2)."""
-        return depthwise_same(xp, self.weight)
+        return F.conv2d(xp, self.weight, None, 1, (self.kernel_size[0] - 1) // 2, 1, self.groups)
 
 
 # (kernel, dilation, stride) -> variant, from `benchmarks/depthwise_speed.py --all-impls` (2-core AMD EPYC,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -139,80 +138,3 @@ def test_rejects_bad_arguments() -> None:
         DepthwiseConv2d(C, 3, impl="winograd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="dilation 2"):
         DepthwiseConv2d(C, 3, dilation=1, impl="poly")
-
-
-def _aten_grads(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    p = w.shape[-1] // 2
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], w.shape[0], [True, True, False]
-    )
-    return gx, gw
-
-
-@pytest.mark.parametrize("k", [3, 5])
-@pytest.mark.parametrize(("n", "c", "h", "w"), [(2, 4, 7, 7), (3, 8, 14, 9), (1, 16, 4, 4), (2, 2, 28, 28)])
-def test_depthwise_weight_grad_matches_aten(k: int, n: int, c: int, h: int, w: int) -> None:
-    # float64: the four shifted 3x3 weight grads of a 5x5 cover its 25 taps exactly (not approximately)
-    torch.manual_seed(k * 1000 + h * 10 + w)
-    cl = torch.channels_last
-    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=cl)
-    grad = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=cl)
-    weight = torch.randn(c, 1, k, k, dtype=torch.float64)
-    _, gw = _aten_grads(x, weight, grad)
-    torch.testing.assert_close(fastops.depthwise_weight_grad(x, grad, weight), gw, rtol=1e-12, atol=1e-12)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """A retraining trial's CPU: the fast depthwise backward runs only in a one-thread process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("k", [3, 5])
-def test_fast_backward_is_taken_in_training_and_is_exact(k: int, one_thread: None) -> None:
-    torch.manual_seed(k)
-    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(3, 1, k, k, dtype=torch.float64, requires_grad=True)
-    x.requires_grad_()
-    y = fastops.depthwise_same(x, weight)
-    assert type(y.grad_fn).__name__ == "_DepthwiseSameBackward"
-    assert torch.autograd.gradcheck(fastops.depthwise_same, (x, weight))
-    grad = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, (x, weight), grad)
-    ax, aw = _aten_grads(x.detach(), weight.detach(), grad.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(gx, ax, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gw, aw, rtol=1e-12, atol=1e-12)
-    assert gx.is_contiguous(memory_format=torch.channels_last)
-    # nothing to differentiate, NCHW input, or a trace: aten's own conv
-    with torch.no_grad():
-        assert fastops.depthwise_same(x, weight).grad_fn is None
-    nchw = x.detach().contiguous().requires_grad_()
-    assert type(fastops.depthwise_same(nchw, weight).grad_fn).__name__ == "ConvolutionBackward0"
-    traced = torch.jit.trace(fastops.depthwise_same, (x, weight), check_trace=False)
-    assert "aten::_convolution" in str(traced.graph) or "aten::conv2d" in str(traced.graph)
-    torch.set_num_threads(2)  # the search's two threads: oneDNN's own backward
-    assert type(fastops.depthwise_same(x, weight).grad_fn).__name__ == "ConvolutionBackward0"
-
-
-@pytest.mark.parametrize(
-    ("k", "d", "impl"), [(3, 1, "cl"), (5, 1, "cl"), (3, 2, "poly_cl"), (5, 2, "poly_cl")]
-)
-def test_modules_train_through_the_fast_backward(k: int, d: int, impl: str, one_thread: None) -> None:
-    m = DepthwiseConv2d(C, k, stride=1, dilation=d, impl=impl)  # type: ignore[arg-type]
-    x = torch.randn(2, C, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
-    seen: list[str] = []
-
-    def walk(fn: object) -> None:  # the autograd graph's node names
-        while fn is not None and not seen.count(type(fn).__name__):
-            seen.append(type(fn).__name__)
-            nexts = [f for f, _ in getattr(fn, "next_functions", ()) if f is not None]
-            for f in nexts[1:]:
-                walk(f)
-            fn = nexts[0] if nexts else None
-
-    walk(m(x).grad_fn)
-    assert "_DepthwiseSameBackward" in seen
-    _check(m, x.detach())  # values and grads against nn.Conv2d (also run by the tests above)
