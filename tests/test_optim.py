@@ -45,7 +45,7 @@ def train_pair(a: torch.nn.Module, oa: torch.optim.Optimizer, b: torch.nn.Module
                steps: int, seed: int = 1) -> None:  # fmt: skip
     """`oa` and `ob` step on the same gradients: `a`'s, copied into `b`'s params. Two networks trained
     apart compare the network's amplification of float rounding, not the optimizers: over 5 steps of
-    this net it reached 2e-5 on one CPU (an AMD VM, 2026-12-04) while one step on equal grads differs
+    this net it reached 2e-5 on one CPU (an AMD VM, 2026-12-04) while five steps on equal grads differ
     by 6e-8."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
