@@ -5,6 +5,7 @@ PyTorch has the kernels."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,21 @@ def tiny_net() -> torch.nn.Module:
     return build_model(g, 4, 10, 1, 16)
 
 
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
+def batches(steps: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x = torch.randn(8, 1, 16, 16, generator=gen)
-        y = torch.randint(0, 10, (8,), generator=gen)
+        yield torch.randn(8, 1, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+
+
+def clipped_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    F.cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
+    for x, y in batches(steps, seed):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        clipped_grads(model, x, y)
         opt.step()
 
 
@@ -47,14 +55,10 @@ def train_pair(a: torch.nn.Module, oa: torch.optim.Optimizer, b: torch.nn.Module
     apart compare the network's amplification of float rounding, not the optimizers: over 5 steps of
     this net it reached 2e-5 on one CPU (an AMD VM, 2026-12-04) while five steps on equal grads differ
     by 6e-8."""
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(8, 1, 16, 16, generator=gen)
-        y = torch.randint(0, 10, (8,), generator=gen)
+    for x, y in batches(steps, seed):
         oa.zero_grad(set_to_none=True)
         ob.zero_grad(set_to_none=True)
-        F.cross_entropy(a(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(a.parameters(), 5.0)
+        clipped_grads(a, x, y)
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             pb.grad = pa.grad.clone()  # the grad's own layout, as autograd gave it
         oa.step()
