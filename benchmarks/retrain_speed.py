@@ -3,6 +3,7 @@ network and optimizer, timed alternately in one process (the ratio is what holds
 
     python benchmarks/retrain_speed.py [--genotype benchmarks/genotypes/quick_densest.json] [--C 8]
         [--batch 64] [--steps 30] [--rounds 3] [--threads 1] [--device cpu|cuda] [--cuda-graph auto off]
+        [--breakdown 25]
 
 dnad: `dnad.retrain.RetrainLoop` epochs (images/s of its training part, from the epoch records: batch
 preparation, forward, loss, backward, clipping, the optimizer, the non-finite guard; on CUDA each
@@ -13,6 +14,8 @@ the CPU, `--optimizer-impl default` gives it the default too) in a loop of zero_
 cross-entropy / backward / clip / step.
 The two alternate epoch by epoch (`--rounds` of each after one untimed warm-up epoch each). Prints one
 JSON line per mode with images/s and `ratio_vs_plain`. Synthetic 1×28×28 images, 10 classes.
+`--breakdown N` (CPU) then times one more dnad epoch op by op (`benchmarks/op_times.py`) and prints its
+N costliest ops to stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from op_times import OpTimer
 
 from dnad.complexity import count_complexity
 from dnad.config import DataConfig, RetrainConfig
@@ -78,6 +84,10 @@ def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
         mine.append(loop.run_epoch()["img_per_s"])
         theirs.append(plain_epoch(ref, ref_opt, loop.train_batches, e, a.steps, a.device, cfg.grad_clip))
     m, t = statistics.median(mine[1:]), statistics.median(theirs[1:])
+    if a.breakdown:
+        with OpTimer() as timer:
+            loop.run_epoch()
+        print(timer.table(a.steps, a.batch / m, a.breakdown), file=sys.stderr)
     c = count_complexity(model.cpu(), (a.channels, a.size, a.size))
     return {
         "img_per_s": round(m, 1), "plain_img_per_s": round(t, 1), "ratio_vs_plain": round(m / t, 2),
@@ -109,9 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cuda-graph", nargs="+", default=["auto"], choices=["auto", "off"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a retrain trial's CPU: 1)")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="N",
+                    help="CPU: print the N costliest ops of one more dnad epoch (benchmarks/op_times.py)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         print(f"error: --device cuda: no CUDA device is visible here (value {a.device!r}); use --device cpu")
+        return 2
+    if a.breakdown and a.device != "cpu":
+        print(
+            f"error: --breakdown times ops on the CPU only (--device {a.device!r}); drop it or use --device cpu"
+        )
         return 2
     torch.set_num_threads(a.threads)
     genotype = Genotype.from_json(Path(a.genotype).read_text())

@@ -3,7 +3,8 @@
     python benchmarks/supernet_speed.py --preset paper-cifar
 
 prints one JSON line: img_per_s_dense, img_per_s_half (a fixed seeded half of the pairs deleted),
-peak_rss_mb, plus the settings and the machine. `--profile` adds a per-op breakdown.
+peak_rss_mb, plus the settings and the machine. `--profile` (CPU) first prints where one dense step's
+time goes, op by op (`benchmarks/op_times.py`), to stderr.
 
 `ratio_vs_textbook_dense` / `_half`: the same step of the same super-network written the textbook way
 (`dnad.reference`: each op's own forward, Σ w·op(x) per node, plain `F.conv2d` depthwise kernels, NCHW),
@@ -29,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from op_times import OpTimer
 
 from dnad import optim
 from dnad.fastops import preferred_format, reference_kernels
@@ -120,7 +124,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--profile", action="store_true", help="print a per-op profile of one dense step")
+    ap.add_argument("--profile", action="store_true", help="CPU: print the costliest ops of one dense step")
     ap.add_argument("--rounds", type=int, default=3, help="alternating blocks of dnad / textbook steps")
     ap.add_argument("--textbook", choices=("on", "off"), default="on", help="time the textbook network too")
     ap.add_argument(
@@ -149,13 +153,16 @@ def main() -> None:
     net = net.to(memory_format=fmt)
     x = torch.randn(p["batch"], p["channels"], p["size"], p["size"], device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, p["classes"], (p["batch"],), device=dev)
-    if a.profile:
-        from torch.profiler import ProfilerActivity, profile
+    if a.profile and dev.type == "cpu":  # on a copy, so the timed steps start from the same weights
+        import copy
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            F.cross_entropy(net(x), y).backward()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
-        net.zero_grad(set_to_none=True)
+        probe = copy.deepcopy(net)
+        opts = optimizers(probe, a.optimizer == "dnad")
+        step_s = statistics.median(step_times(probe, x, y, 2, 1, opts))
+        with OpTimer() as timer:
+            step_times(probe, x, y, 1, 0, opts)
+        print(timer.table(1, step_s), file=sys.stderr)
+        del probe, opts
     ratios = {}
     with reference_kernels() if a.kernels == "plain" else contextlib.nullcontext():
         if a.textbook == "on":

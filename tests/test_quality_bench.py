@@ -1,7 +1,6 @@
 """Comparing strategies (`dnad.quality`, `benchmarks/quality.py`): hypervolume by hand, bootstrap intervals
 that shrink with agreement and catch a real difference, and the driver's analysis of a run folder."""
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -12,15 +11,10 @@ import pytest
 
 from dnad.quality import Search, compare, hypervolume, searches
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
-
 
 @pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def quality(load_benchmark):
+    return load_benchmark("quality")
 
 
 def test_hypervolume_by_hand():
@@ -73,7 +67,7 @@ def test_the_driver_composes_one_pipeline_run(quality, tmp_path):
     a = quality.argparse.Namespace(profile="quick", out=str(tmp_path), strategies=["dnad", "random"], seeds=3,
                                    first_seed=5, repeats=2, overrides=["retrain.epochs=2"])  # fmt: skip
     cmd = quality.pipeline_command(a)
-    assert cmd[:2] == [sys.executable, str(PATH.parents[1] / "pipeline/run.py")]
+    assert cmd[:2] == [sys.executable, str(Path(__file__).resolve().parents[1] / "pipeline/run.py")]
     assert {"sweep.strategy=[dnad,random]", "sweep.num_samples=3", "search.seed=5", "retrain.repeats=2",
             "retrain.epochs=2"} <= set(cmd)  # fmt: skip
 
