@@ -3,7 +3,7 @@ network and optimizer, timed alternately in one process (the ratio is what holds
 
     python benchmarks/retrain_speed.py [--genotype benchmarks/genotypes/quick_densest.json] [--C 8]
         [--batch 64] [--steps 30] [--rounds 3] [--threads 1] [--device cpu|cuda] [--cuda-graph auto off]
-        [--breakdown 25]
+        [--kernels auto aten] [--breakdown 25]
 
 dnad: `dnad.retrain.RetrainLoop` epochs (images/s of its training part, from the epoch records: batch
 preparation, forward, loss, backward, clipping, the optimizer, the non-finite guard; on CUDA each
@@ -14,6 +14,8 @@ the CPU, `--optimizer-impl default` gives it the default too) in a loop of zero_
 cross-entropy / backward / clip / step.
 The two alternate epoch by epoch (`--rounds` of each after one untimed warm-up epoch each). Prints one
 JSON line per mode with images/s and `ratio_vs_plain`. Synthetic 1×28×28 images, 10 classes.
+`--kernels auto aten` alternates dnad's loop on dnad's native CPU kernels (`dnad.native`) and on
+PyTorch's in the same rounds, and adds `ratio_vs_aten`.
 `--breakdown N` (CPU) then times one more dnad epoch op by op (`benchmarks/op_times.py`) and prints its
 N costliest ops to stderr.
 """
@@ -39,7 +41,7 @@ from op_times import OpTimer
 from dnad.complexity import count_complexity
 from dnad.config import DataConfig, RetrainConfig
 from dnad.data import load_dataset
-from dnad.fastops import reference_kernels
+from dnad.fastops import describe_cpu_kernels, reference_kernels, set_cpu_kernels
 from dnad.genotype import Genotype
 from dnad.network import build_model
 from dnad.reference import textbook
@@ -66,7 +68,7 @@ def plain_epoch(model, opt, batches, epoch: int, steps: int, device: str, clip: 
     return seen / (time.perf_counter() - t0)
 
 
-def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
+def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> list[dict]:
     data = load_dataset(DataConfig(dataset="fake", image_size=a.size, channels=a.channels, num_classes=10,
                                    fake_size=a.batch * a.steps + 16, val_size=16, augment=False))  # fmt: skip
     torch.manual_seed(0)
@@ -79,25 +81,36 @@ def measure(genotype: Genotype, a: argparse.Namespace, extra: dict) -> dict:
     if a.optimizer_impl == "default":  # dnad's loop with PyTorch's default optimizer implementation
         loop.opt = make_optimizer(cfg, model, fast=False)
     ref_opt = make_optimizer(cfg, ref, fast=False)
-    mine, theirs = [], []
-    for e in range(epochs):  # alternate: a dnad epoch, a plain epoch; the first of each is warm-up
-        mine.append(loop.run_epoch()["img_per_s"])
+    mine: dict[str, list[float]] = {k: [] for k in a.kernels}
+    theirs = []
+    for e in range(epochs):  # alternate: a dnad epoch per kernel choice, a plain epoch; the first is warm-up
+        for kernels in a.kernels:
+            set_cpu_kernels(kernels)
+            mine[kernels].append(loop.run_epoch()["img_per_s"])
         theirs.append(plain_epoch(ref, ref_opt, loop.train_batches, e, a.steps, a.device, cfg.grad_clip))
-    m, t = statistics.median(mine[1:]), statistics.median(theirs[1:])
+    t = statistics.median(theirs[1:])
+    med = {k: statistics.median(v[1:]) for k, v in mine.items()}
     if a.breakdown:
+        set_cpu_kernels(a.kernels[0])
         with OpTimer() as timer:
             loop.run_epoch()
-        print(timer.table(a.steps, a.batch / m, a.breakdown), file=sys.stderr)
+        print(timer.table(a.steps, a.batch / med[a.kernels[0]], a.breakdown), file=sys.stderr)
     c = count_complexity(model.cpu(), (a.channels, a.size, a.size))
-    return {
-        "img_per_s": round(m, 1), "plain_img_per_s": round(t, 1), "ratio_vs_plain": round(m / t, 2),
-        "first_epoch_img_per_s": round(mine[0], 1), **extra, "params": c.params, "macs": c.macs, "C": a.C,
-        "batch": a.batch, "steps_per_epoch": a.steps, "rounds": a.rounds, "optimizer": a.optimizer,
-        "optimizer_impl": a.optimizer_impl,
-        "threads": torch.get_num_threads(), "device": a.device,
-        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-    }  # fmt: skip
+    rows = []
+    for kernels, m in med.items():
+        set_cpu_kernels(kernels)
+        rows.append({
+            "img_per_s": round(m, 1), "plain_img_per_s": round(t, 1), "ratio_vs_plain": round(m / t, 2),
+            **({"ratio_vs_aten": round(m / med["aten"], 2)} if "aten" in med and kernels != "aten" else {}),
+            "first_epoch_img_per_s": round(mine[kernels][0], 1), **extra, "kernels": describe_cpu_kernels(),
+            "params": c.params, "macs": c.macs, "C": a.C,
+            "batch": a.batch, "steps_per_epoch": a.steps, "rounds": a.rounds, "optimizer": a.optimizer,
+            "optimizer_impl": a.optimizer_impl,
+            "threads": torch.get_num_threads(), "device": a.device,
+            "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+        })  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cuda-graph", nargs="+", default=["auto"], choices=["auto", "off"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a retrain trial's CPU: 1)")
+    ap.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "aten"],
+                    help="CPU kernels of dnad's loop: auto = dnad's native ones where they build; aten = PyTorch's; "
+                    "both: alternated in the same rounds")  # fmt: skip
     ap.add_argument("--breakdown", type=int, default=0, metavar="N",
                     help="CPU: print the N costliest ops of one more dnad epoch (benchmarks/op_times.py)")  # fmt: skip
     a = ap.parse_args(argv)
@@ -133,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     genotype = Genotype.from_json(Path(a.genotype).read_text())
     for graph in a.cuda_graph:
-        print(json.dumps(measure(genotype, a, {"cuda_graph": graph})), flush=True)
+        for row in measure(genotype, a, {"cuda_graph": graph}):
+            print(json.dumps(row), flush=True)
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dnad.fastops import BatchNorm2d
 from dnad.genotype import reduction_indices
 from dnad.ops import FactorizedReduce, ReLUConvBN
 
@@ -84,20 +85,20 @@ class Stem(nn.Module):
             stride = STEM_STRIDE[kind]
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, 3 * C, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(3 * C, affine=affine),
+                BatchNorm2d(3 * C, affine=affine),
             )
         else:
             self.stem0 = nn.Sequential(
                 nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(C // 2, affine=affine),
+                BatchNorm2d(C // 2, affine=affine),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(C, affine=affine),
+                BatchNorm2d(C, affine=affine),
             )
             self.stem1 = nn.Sequential(
                 nn.ReLU(inplace=False),
                 nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(C, affine=affine),
+                BatchNorm2d(C, affine=affine),
             )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,11 @@ DARTS ops need (timings on a 2-core AVX-512 CPU, batch 64, `benchmarks/depthwise
 `DepthwiseConv2d` picks, per (kernel, dilation, stride), the variant measured fastest; every
 variant returns the output (and the input grad) in the memory format of the input, so callers see
 no layout change.  `reference_kernels()` switches every module back to the plain `F.conv2d`.
+
+On channels_last float maps the CPU runs dnad's own kernels where they build (`dnad.native`): the
+depthwise conv of any kernel, stride and dilation directly (no polyphase split), forward and
+backward, and `BatchNorm2d`'s training-mode forward and backward. `set_cpu_kernels("aten")` or
+`aten_kernels()` turns them off (PyTorch's kernels: the same results to float rounding).
 """
 
 from __future__ import annotations
@@ -28,9 +33,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-Impl = Literal["plain", "cl", "poly", "poly_cl"]
-IMPLS: tuple[Impl, ...] = ("plain", "cl", "poly", "poly_cl")
+from dnad import native
+
+Impl = Literal["plain", "cl", "poly", "poly_cl", "native"]
+IMPLS: tuple[Impl, ...] = ("plain", "cl", "poly", "poly_cl", "native")
+CpuKernels = Literal["auto", "aten"]
 
 # a process-wide depth counter, not thread-local: MAC counting may trace a model on another thread,
 # and falling back costs only speed, never numerics
@@ -58,6 +67,193 @@ def reference_kernels() -> Iterator[None]:
     finally:
         with _reference_lock:
             _reference_depth -= 1
+
+
+_cpu_kernels: CpuKernels = "auto"
+
+
+def set_cpu_kernels(mode: CpuKernels) -> None:
+    """Process-wide: `auto` runs dnad's native CPU kernels where they build (`dnad.native`), `aten`
+    PyTorch's own. Ray workers set it from `ray.kernels`."""
+    global _cpu_kernels
+    if mode not in ("auto", "aten"):
+        raise ValueError(f"unknown CPU kernels {mode!r}; choose auto or aten")
+    _cpu_kernels = mode
+
+
+def cpu_kernels() -> CpuKernels:
+    return _cpu_kernels
+
+
+@contextlib.contextmanager
+def aten_kernels() -> Iterator[None]:
+    """PyTorch's own kernels within the block (benchmarks and tests compare the two)."""
+    was = _cpu_kernels
+    set_cpu_kernels("aten")
+    try:
+        yield
+    finally:
+        set_cpu_kernels(was)
+
+
+def describe_cpu_kernels() -> str:
+    """What CPU training runs on, for run headers and benchmark records."""
+    if _cpu_kernels == "aten":
+        return "PyTorch's (kernels=aten)"
+    lib = native.library()
+    return lib.describe() if lib is not None else f"PyTorch's ({native.reason()})"
+
+
+def native_for(x: torch.Tensor) -> native.Native | None:
+    """dnad's native kernels when they may run on `x`: a 4-D channels_last float32/float64 CPU map,
+    kernels `auto`, outside `reference_kernels()` and outside tracing/compilation (exporters must see
+    PyTorch ops); else None."""
+    if (
+        _cpu_kernels != "auto"
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.dim() != 4
+        or not x.is_contiguous(memory_format=torch.channels_last)
+        or reference_active()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    return native.library()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _suffix(x: torch.Tensor) -> str:
+    return "f32" if x.dtype == torch.float32 else "f64"
+
+
+class _NativeDepthwise(torch.autograd.Function):
+    """Depthwise conv (weight (C, 1, k, k)) of a channels_last map by `dnad.native`; output and
+    input grad channels_last."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, padding: int):
+        lib = native.library()
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        wt = weight.detach().to(x.dtype).contiguous()
+        y = torch.empty((n, c, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+        fn = getattr(lib.lib, f"dnad_dw_forward_{_suffix(x)}")
+        fn(x.data_ptr(), wt.data_ptr(), y.data_ptr(), n, h, w, c, ho, wo, k, stride, dilation, padding,
+           torch.get_num_threads())  # fmt: skip
+        ctx.save_for_backward(x, wt)
+        ctx.geometry = (stride, dilation, padding)
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor):
+        x, wt = ctx.saved_tensors
+        stride, dilation, padding = ctx.geometry
+        n, c, h, w = x.shape
+        k = wt.shape[-1]
+        g = g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        gx = torch.empty_like(x, memory_format=torch.channels_last) if ctx.needs_input_grad[0] else None
+        gw = torch.empty_like(wt) if ctx.needs_input_grad[1] else None
+        fn = getattr(native.library().lib, f"dnad_dw_backward_{_suffix(x)}")
+        fn(x.data_ptr(), wt.data_ptr(), g.data_ptr(), _ptr(gx), _ptr(gw), n, h, w, c, g.shape[2], g.shape[3], k,
+           stride, dilation, padding, torch.get_num_threads())  # fmt: skip
+        return gx, None if gw is None else gw.to(ctx.weight_dtype), None, None, None
+
+
+def native_depthwise(
+    x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, padding: int
+) -> torch.Tensor:
+    """`F.conv2d(x, weight, None, stride, padding, dilation, groups=C)` by `dnad.native` (check
+    `native_for(x)` first)."""
+    return _NativeDepthwise.apply(x, weight, stride, dilation, padding)
+
+
+class _NativeBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm of a channels_last map by `dnad.native`: batch statistics, running
+    statistics updated in place as `F.batch_norm` does (unbiased variance), output channels_last."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        lib = native.library()
+        n, c, h, w = x.shape
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        mean, invstd = x.new_empty(c), x.new_empty(c)
+        wd = None if weight is None else weight.detach().to(x.dtype).contiguous()
+        bd = None if bias is None else bias.detach().to(x.dtype).contiguous()
+        fn = getattr(lib.lib, f"dnad_bn_forward_{_suffix(x)}")
+        fn(x.data_ptr(), _ptr(wd), _ptr(bd), y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _ptr(running_mean),
+           _ptr(running_var), n * h * w, c, float(momentum), float(eps), torch.get_num_threads())  # fmt: skip
+        ctx.save_for_backward(x, wd, mean, invstd)
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor):
+        x, wd, mean, invstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        g = g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+        gw = x.new_empty(c) if need_w else None
+        gb = x.new_empty(c) if need_b else None
+        fn = getattr(native.library().lib, f"dnad_bn_backward_{_suffix(x)}")
+        fn(x.data_ptr(), g.data_ptr(), _ptr(wd), mean.data_ptr(), invstd.data_ptr(), _ptr(gx), _ptr(gw), _ptr(gb),
+           n * h * w, c, torch.get_num_threads())  # fmt: skip
+        wdt, bdt = ctx.dtypes
+        return (
+            gx,
+            None if gw is None else gw.to(wdt),
+            None if gb is None else gb.to(bdt),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def batch_norm_train(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """`F.batch_norm(x, running_mean, running_var, weight, bias, training=True, momentum, eps)`, on
+    dnad's native kernels where `native_for(x)` allows (more than one value per channel, running
+    statistics of x's dtype)."""
+    n, _, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+    stats_ok = all(
+        t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (running_mean, running_var)
+    )
+    if n * h * w > 1 and stats_ok and native_for(x) is not None:
+        return _NativeBatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` (the same parameters, buffers and state dict) whose training-mode forward
+    runs `batch_norm_train`: dnad's native kernel on channels_last CPU maps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.momentum is None or native_for(x) is None:
+            return super().forward(x)
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        stats = self.track_running_stats
+        return batch_norm_train(
+            x, self.running_mean if stats else None, self.running_var if stats else None, self.weight, self.bias,
+            self.momentum, self.eps,
+        )  # fmt: skip
 
 
 def layout_of(x: torch.Tensor) -> torch.memory_format:
@@ -207,7 +403,8 @@ class DepthwiseConv2d(nn.Conv2d):
 
     Parameters, state dict, init and output are those of
     `nn.Conv2d(C, C, k, stride, dilation * (k - 1) // 2, dilation, groups=C, bias=False)`.
-    `impl` forces one variant (benchmarks, tests); `None` dispatches on the measured table.
+    `impl` forces one variant (benchmarks, tests); `None` runs dnad's native kernel on channels_last
+    float CPU maps where it builds (`native_for`), else dispatches on the measured table.
     """
 
     def __init__(self, C: int, k: int, stride: int = 1, dilation: int = 1, impl: Impl | None = None):
@@ -231,6 +428,8 @@ class DepthwiseConv2d(nn.Conv2d):
             # H200 (benchmarks/supernet_speed.py --preset paper-cifar), the search step ran at 297
             # img/s with the table and 415 img/s with plain cuDNN convolutions
             return "plain"
+        if native_for(x) is not None:
+            return "native"
         key = (self.kernel_size[0], self.dilation[0], self.stride[0])
         if key == (3, 1, 1) and x.dim() == 4 and x.shape[-1] < 24:
             return "plain"  # oneDNN's NCHW 3×3 kernel wins on small maps
@@ -246,6 +445,16 @@ class DepthwiseConv2d(nn.Conv2d):
         if impl == "plain":
             return self._conv_forward(x, self.weight, None)
         fmt = layout_of(x)
+        if impl == "native":
+            if native.library() is None:
+                raise RuntimeError(
+                    f"impl 'native' forced, but the native kernels are missing: {native.reason()}"
+                )
+            if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"impl 'native' runs float32/float64 CPU maps, got {x.dtype} on {x.device}")
+            y = native_depthwise(relayout(x, torch.channels_last), self.weight, self.stride[0], self.dilation[0],
+                                 self.padding[0])  # fmt: skip
+            return relayout(y, fmt)
         if impl == "cl":
             y = self._conv_forward(relayout(x, torch.channels_last), self.weight, None)
             return relayout(y, fmt)

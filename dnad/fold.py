@@ -22,12 +22,13 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from dnad.fastops import BatchNorm2d
 from dnad.ops import FactorizedReduce
 
 
 def _foldable(bn: nn.Module) -> bool:
     return (
-        type(bn) is nn.BatchNorm2d
+        type(bn) in (nn.BatchNorm2d, BatchNorm2d)
         and bn.track_running_stats
         and bn.running_mean is not None
         and bn.running_var is not None

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnad.fastops import (
+    BatchNorm2d,
+    batch_norm_train,
     depthwise_conv,
     inner_format,
     layout_of,
@@ -99,7 +101,7 @@ class ReLUConvBN(nn.Sequential):
         super().__init__(
             nn.ReLU(inplace=False),
             nn.Conv2d(C_in, C_out, k, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
 
 
@@ -110,13 +112,14 @@ def scaled_bn(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor) -> torch
     extra pass over the map (no `grad * w` tensor, no dot product for d/dw: BN's own weight grad sums
     to it). Running statistics are updated exactly as `bn(x)` would.
     """
-    plain = type(bn) is not nn.BatchNorm2d or bn._forward_hooks or bn._forward_pre_hooks  # e.g. SyncBatchNorm
-    if plain or bn.affine or bn.momentum is None or not bn.track_running_stats:
+    plain = type(bn) not in (nn.BatchNorm2d, BatchNorm2d) or bn._forward_hooks or bn._forward_pre_hooks
+    if plain or bn.affine or bn.momentum is None or not bn.track_running_stats:  # e.g. SyncBatchNorm
         return bn(x) * scale
-    if bn.training:
-        bn.num_batches_tracked.add_(1)
     weight = scale.expand(bn.num_features).contiguous()
-    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, None, bn.training, bn.momentum, bn.eps)
+    if not bn.training:
+        return F.batch_norm(x, bn.running_mean, bn.running_var, weight, None, False, bn.momentum, bn.eps)
+    bn.num_batches_tracked.add_(1)
+    return batch_norm_train(x, bn.running_mean, bn.running_var, weight, None, bn.momentum, bn.eps)
 
 
 class Phased(NamedTuple):
@@ -201,7 +204,7 @@ class DilConv(nn.Sequential):
             nn.ReLU(inplace=False),
             depthwise_conv(C_in, k, stride=stride, dilation=dilation),
             nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
 
 
@@ -232,7 +235,7 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, bias=False)  # runs on the odd/odd phase
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.bn = BatchNorm2d(C_out, affine=affine)
 
     starts_with_relu = True
     takes_scale = True

@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from dnad.fastops import BatchNorm2d
 from dnad.network import DerivedCell, drop_path
 from dnad.ops import is_identity
 from dnad.supernet import MixedCell
@@ -48,8 +49,12 @@ class TextbookDerivedCell(DerivedCell):
 
 
 def textbook(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` (a SuperNet or derived Network) with textbook cells, in NCHW layout."""
+    """A deep copy of `model` (a SuperNet or derived Network) with textbook cells and PyTorch's own
+    `nn.BatchNorm2d`, in NCHW layout."""
     m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    for module in m.modules():
+        if type(module) is BatchNorm2d:
+            module.__class__ = nn.BatchNorm2d
     for cell in m.cells:
         if type(cell) is MixedCell:
             cell.__class__ = TextbookMixedCell

@@ -31,7 +31,8 @@ class DataMeta:
 
 # keys that may change between a run and its resumption (they do not change any result)
 RESUMABLE_CHANGES = ("output", "ray.address", "ray.num_cpus", "ray.max_concurrent", "retrain.cuda_graph",
-                     "data.cache_dir", "ray.resource_wait_s", "teacher.cache_dir", "ray.allocator")  # fmt: skip
+                     "data.cache_dir", "ray.resource_wait_s", "teacher.cache_dir", "ray.allocator",
+                     "ray.kernels")  # fmt: skip
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

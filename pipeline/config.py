@@ -67,6 +67,12 @@ class RayConfig(Strict):
         description="malloc of the Ray workers: auto = tcmalloc (libtcmalloc_minimal.so.4) where the "
         "machine has it, else the system's; system; or the absolute path of a malloc library to LD_PRELOAD",
     )
+    kernels: Literal["auto", "aten"] = Field(
+        "auto",
+        description="CPU kernels of the workers: auto = dnad's native depthwise-conv and BatchNorm kernels "
+        "(dnad.native, compiled once per machine with the C++ compiler) where they build, else PyTorch's; "
+        "aten = PyTorch's (the same results to float rounding)",
+    )
     resource_wait_s: int | None = Field(
         None,
         ge=0,

@@ -40,6 +40,16 @@ def malloc_name(cfg) -> str:
     return "the system's" + (" (no tcmalloc here)" if cfg.ray.allocator == "auto" else "")
 
 
+def kernels_name(cfg) -> str:
+    """The CPU kernels the workers train on (`ray.kernels`); with `auto` this builds dnad's native
+    kernels here once (about a second), so local workers find them in the cache."""
+    from dnad import fastops
+
+    if cfg.ray.kernels == "aten":
+        return "PyTorch's (ray.kernels=aten)"
+    return fastops.describe_cpu_kernels()
+
+
 def describe_run(ctx: RunContext, resuming: bool) -> str:
     """The run header: what each stage will really do on this data (images, epochs, steps)."""
     from dnad.report import teacher_name
@@ -73,7 +83,7 @@ def describe_run(ctx: RunContext, resuming: bool) -> str:
         f"{m.val_size} validation (held out of training), {m.test_size} test; {m.in_channels}x{m.image_size}x"
         f"{m.image_size}, {m.num_classes} classes, mean {stats}",
         f"  ray      {res.cpus} CPUs, {res.gpus} GPUs ({'GPU' if res.use_gpu else 'CPU'} training); workers' "
-        f"malloc {malloc_name(cfg)}",
+        f"malloc {malloc_name(cfg)}" + ("" if res.use_gpu else f"; CPU kernels {kernels_name(cfg)}"),
         f"  search   {'/'.join(cfg.sweep.strategy or [s.strategy])}: C={s.supernet.C} × {s.supernet.cells} cells, "
         f"S0={s0:.2f}, dense {params:,} params, "
         f"{macs / 1e6:.2f} MMACs; {plan.config.epochs} epochs ({plan.config.warmup_epochs} warm-up) × "

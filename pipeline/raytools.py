@@ -394,11 +394,14 @@ def fit_off_main_thread(trainer: Any) -> Any:
 
 
 # -- worker side --------------------------------------------------------------------------------
-def worker_setup(threads: int, use_gpu: bool):
-    """Torch threads and device of a Ray worker / trial."""
+def worker_setup(threads: int, use_gpu: bool, kernels: str = "auto"):
+    """Torch threads, CPU kernels (`ray.kernels`) and device of a Ray worker / trial."""
     import torch
 
+    from dnad.fastops import set_cpu_kernels
+
     torch.set_num_threads(threads)
+    set_cpu_kernels(kernels)  # type: ignore[arg-type]
     if use_gpu and torch.cuda.is_available():
         try:
             from ray.train.torch import get_device

@@ -86,7 +86,7 @@ def retrain_trial(config: dict[str, Any], ctx: RunContext) -> None:
     if not started.is_file():  # the first start of this trial (a retry or a resumed run keeps it)
         atomic_write_text(started, json.dumps({"started_at": time.time()}))
     threads = thread_count(res.retrain_trial(cfg)["cpu"])
-    device = worker_setup(threads, res.use_gpu)
+    device = worker_setup(threads, res.use_gpu, cfg.ray.kernels)
     dcfg = cfg.retrain_data_config()
     data = load_dataset(dcfg)
     g = Genotype.from_json(config["genotype"])

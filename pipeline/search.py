@@ -39,7 +39,7 @@ def search_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_setup(config["threads"], config["use_gpu"])
+    device = worker_setup(config["threads"], config["use_gpu"], config["kernels"])
     dcfg = DataConfig.model_validate(config["data"])
     scfg = SearchConfig.model_validate(config["search"])
     data = load_dataset(dcfg)
@@ -135,6 +135,7 @@ def _search(ctx: RunContext, point: dict[str, Any], teacher_path: str | None) ->
         "trial_id": tid,
         "threads": thread_count(cpus),
         "use_gpu": res.use_gpu,
+        "kernels": cfg.ray.kernels,
     }
     trainer = torch_trainer(
         search_worker, config, name=ctx.ray_name("search", tid), storage=ctx.storage, workers=cfg.ray.workers,

@@ -61,7 +61,7 @@ def teacher_worker(config: dict[str, Any]) -> None:
     from pipeline.raytools import read_checkpoint, report, worker_setup
 
     cfg = RunConfig.model_validate(config["cfg"])
-    device = worker_setup(config["threads"], config["use_gpu"])
+    device = worker_setup(config["threads"], config["use_gpu"], cfg.ray.kernels)
     dcfg = cfg.retrain_data_config()
     data = load_dataset(dcfg)
     t = cfg.search.distill.teacher
