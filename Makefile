@@ -13,9 +13,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 APT_INSTALL = $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
 
-.PHONY: setup data malloc browser packages test run lint format smoke clean
+.PHONY: setup data malloc compiler browser packages test run lint format smoke clean
 
-setup: $(STAMP) data malloc
+setup: $(STAMP) data malloc compiler
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ $(TCMALLOC):
 
 browser: $(CHROMIUM)
 
+# dnad's native CPU kernels (dnad/native) are built with it on first use; without one, PyTorch's kernels
+compiler:
+	@command -v g++ >/dev/null || command -v c++ >/dev/null || $(APT_INSTALL) g++
+
 $(CHROMIUM):
 	$(APT_INSTALL) chromium
 
@@ -53,10 +57,12 @@ test:
 	$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest -q --durations=15
 
-# the Debian packages of `data`, `malloc` and `browser` in one apt transaction (two would wait on dpkg's lock)
+# the Debian packages of `data`, `malloc`, `browser` and a C++ compiler (dnad's native CPU kernels) in one
+# apt transaction (two would wait on dpkg's lock)
 packages:
 	@pkgs=""; [ -e $(FMNIST) ] || pkgs="$$pkgs dataset-fashion-mnist"; \
 	[ -e $(TCMALLOC) ] || pkgs="$$pkgs libtcmalloc-minimal4"; \
+	command -v g++ >/dev/null || command -v c++ >/dev/null || pkgs="$$pkgs g++"; \
 	[ -e $(CHROMIUM) ] || pkgs="$$pkgs chromium"; \
 	if [ -n "$$pkgs" ]; then $(APT_INSTALL) $$pkgs; fi
 

@@ -105,11 +105,13 @@ def describe_cpu_kernels() -> str:
 
 
 def native_for(x: torch.Tensor) -> native.Native | None:
-    """dnad's native kernels when they may run on `x`: a 4-D channels_last float32/float64 CPU map,
-    kernels `auto`, outside `reference_kernels()` and outside tracing/compilation (exporters must see
-    PyTorch ops); else None."""
+    """dnad's native kernels when they may run on `x`: a 4-D channels_last float32/float64 CPU map
+    with real storage (not a fake or functional tensor of a tracer), kernels `auto`, outside
+    `reference_kernels()` and outside tracing, compilation and export (they must see PyTorch ops);
+    else None."""
     if (
         _cpu_kernels != "auto"
+        or type(x) is not torch.Tensor
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
         or x.dim() != 4
@@ -117,6 +119,7 @@ def native_for(x: torch.Tensor) -> native.Native | None:
         or reference_active()
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
     ):
         return None
     return native.library()

@@ -48,13 +48,17 @@ class TextbookDerivedCell(DerivedCell):
         return torch.cat(states[2:], dim=1)
 
 
+# dnad's modules that are PyTorch's with another forward (the same parameters and state dict)
+PYTORCH_CLASS: dict[type, type] = {BatchNorm2d: nn.BatchNorm2d}
+
+
 def textbook(model: nn.Module) -> nn.Module:
     """A deep copy of `model` (a SuperNet or derived Network) with textbook cells and PyTorch's own
     `nn.BatchNorm2d`, in NCHW layout."""
     m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     for module in m.modules():
-        if type(module) is BatchNorm2d:
-            module.__class__ = nn.BatchNorm2d
+        if type(module) in PYTORCH_CLASS:
+            module.__class__ = PYTORCH_CLASS[type(module)]
     for cell in m.cells:
         if type(cell) is MixedCell:
             cell.__class__ = TextbookMixedCell
