@@ -37,7 +37,7 @@ browser: $(CHROMIUM)
 
 # dnad's native CPU kernels (dnad/native) are built with it on first use; without one, PyTorch's kernels
 compiler:
-	@command -v g++ >/dev/null || command -v c++ >/dev/null || $(APT_INSTALL) g++
+	@command -v g++ >/dev/null || command -v c++ >/dev/null || { $(APT_INSTALL) g++; }
 
 $(CHROMIUM):
 	$(APT_INSTALL) chromium
