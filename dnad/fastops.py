@@ -17,9 +17,9 @@ DARTS ops need (timings on a 2-core AVX-512 CPU, batch 64, `benchmarks/depthwise
 variant returns the output (and the input grad) in the memory format of the input, so callers see
 no layout change.  `reference_kernels()` switches every module back to the plain `F.conv2d`.
 
-On channels_last float maps the CPU runs dnad's own kernels where they build (`dnad.native`): the
-depthwise conv of any kernel, stride and dilation directly (no polyphase split), forward and
-backward, and `BatchNorm2d`'s training-mode forward and backward. `set_cpu_kernels("aten")` or
+On channels_last float maps the CPU runs dnad's own kernels where they build (`dnad.native`): every
+depthwise conv directly (no polyphase split), its backward on dnad's kernels (oneDNN's forward; see
+`_NativeDepthwise`), and `BatchNorm2d`'s training-mode forward and backward. `set_cpu_kernels("aten")` or
 `aten_kernels()` turns them off (PyTorch's kernels: the same results to float rounding).
 """
 
@@ -134,25 +134,25 @@ def _suffix(x: torch.Tensor) -> str:
 
 
 class _NativeDepthwise(torch.autograd.Function):
-    """Depthwise conv (weight (C, 1, k, k)) of a channels_last map by `dnad.native`; output and
-    input grad channels_last."""
+    """Depthwise conv (weight (C, 1, k, k)) of a channels_last map whose backward runs on
+    `dnad.native`; output and input grad channels_last.
+
+    Per part, whichever kernel measured faster (2026-12-07, an AMD EPYC VM with AVX2, one thread,
+    batch 64, the densest `quick` network's shapes): the forward is oneDNN's (its direct dilated
+    kernel included: 0.18-0.66 ms against 0.29-0.97 native), the input grad dnad's (0.15-1.35 ms
+    against 0.32-51.8 ms: oneDNN's dilated and strided ones fall back to slow paths), the weight
+    grad dnad's for 5×5 and dilated kernels (0.40-1.37 ms against 12.8-17.1 ms, a generic kernel in
+    oneDNN) and oneDNN's for undilated 3×3 ones (0.21-0.34 ms against 0.19-0.60).
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, padding: int):
-        lib = native.library()
-        n, c, h, w = x.shape
-        k = weight.shape[-1]
-        ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-        wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-        wt = weight.detach().to(x.dtype).contiguous()
-        y = torch.empty((n, c, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
-        fn = getattr(lib.lib, f"dnad_dw_forward_{_suffix(x)}")
-        fn(x.data_ptr(), wt.data_ptr(), y.data_ptr(), n, h, w, c, ho, wo, k, stride, dilation, padding,
-           torch.get_num_threads())  # fmt: skip
-        ctx.save_for_backward(x, wt)
+        c = x.shape[1]
+        y = F.conv2d(x, weight.to(x.dtype), None, stride, padding, dilation, c)
+        ctx.save_for_backward(x, weight.detach().to(x.dtype).contiguous())
         ctx.geometry = (stride, dilation, padding)
         ctx.weight_dtype = weight.dtype
-        return y
+        return y.contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     @once_differentiable
@@ -162,11 +162,28 @@ class _NativeDepthwise(torch.autograd.Function):
         n, c, h, w = x.shape
         k = wt.shape[-1]
         g = g.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        gx = torch.empty_like(x, memory_format=torch.channels_last) if ctx.needs_input_grad[0] else None
-        gw = torch.empty_like(wt) if ctx.needs_input_grad[1] else None
-        fn = getattr(native.library().lib, f"dnad_dw_backward_{_suffix(x)}")
-        fn(x.data_ptr(), wt.data_ptr(), g.data_ptr(), _ptr(gx), _ptr(gw), n, h, w, c, g.shape[2], g.shape[3], k,
-           stride, dilation, padding, torch.get_num_threads())  # fmt: skip
+        need_x, need_w = ctx.needs_input_grad[:2]
+        aten_w = need_w and k == 3 and dilation == 1
+        gx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+        gw = torch.empty_like(wt) if need_w and not aten_w else None
+        if gx is not None or gw is not None:
+            fn = getattr(native.library().lib, f"dnad_dw_backward_{_suffix(x)}")
+            fn(x.data_ptr(), wt.data_ptr(), g.data_ptr(), _ptr(gx), _ptr(gw), n, h, w, c, g.shape[2], g.shape[3],
+               k, stride, dilation, padding, torch.get_num_threads())  # fmt: skip
+        if aten_w:
+            gw = torch.ops.aten.convolution_backward(
+                g,
+                x,
+                wt,
+                None,
+                [stride] * 2,
+                [padding] * 2,
+                [dilation] * 2,
+                False,
+                [0, 0],
+                c,
+                [False, True, False],
+            )[1]
         return gx, None if gw is None else gw.to(ctx.weight_dtype), None, None, None
 
 

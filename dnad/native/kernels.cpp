@@ -1,5 +1,5 @@
-// dnad's native CPU kernels: depthwise convolution and training-mode BatchNorm on channels_last
-// (NHWC) float32/float64 maps, forward and backward.
+// dnad's native CPU kernels: the backward of depthwise convolutions, and training-mode BatchNorm
+// forward and backward, on channels_last (NHWC) float32/float64 maps.
 //
 // Why: at the DARTS ops' sizes (8-64 channels, 4-32 px maps) oneDNN's depthwise backward and
 // PyTorch's channels_last BatchNorm run far below what the memory allows (a 5x5 depthwise weight
@@ -191,24 +191,6 @@ template <typename T> void taps_major(const T* w, T* wt, int C, int k, bool flip
   const int kk = k * k;
   for (int c = 0; c < C; ++c)
     for (int t = 0; t < kk; ++t) wt[(size_t)(flip ? kk - 1 - t : t) * C + c] = w[(size_t)c * kk + t];
-}
-
-template <typename T>
-void dw_forward(const T* x, const T* w, T* y, int N, int H, int W, int C, int Ho, int Wo, int k, int s, int d,
-                int p, int nt) {
-  std::vector<T> wt((size_t)k * k * C);
-  taps_major(w, wt.data(), C, k, false);
-  const int Wp = W + 2 * p;
-  const size_t padded = (size_t)(H + 2 * p) * Wp * C;
-DNAD_PRAGMA(omp parallel num_threads(nt))
-  {
-    std::vector<T> buf(padded, T(0));
-DNAD_PRAGMA(omp for schedule(static))
-    for (int n = 0; n < N; ++n) {
-      pad_into(x + (size_t)n * H * W * C, buf.data(), H, W, C, p);
-      corr_padded<T, 4>(buf.data(), wt.data(), y + (size_t)n * Ho * Wo * C, Wp, C, Ho, Wo, k, s, d);
-    }
-  }
 }
 
 template <typename T>
@@ -452,7 +434,7 @@ void bn_backward(const T* x, const T* g, const T* w, const T* mean, const T* inv
 }  // namespace
 
 extern "C" {
-int dnad_native_abi() { return 1; }
+int dnad_native_abi() { return 2; }
 int dnad_native_openmp() {
 #ifdef _OPENMP
   return 1;
@@ -462,10 +444,6 @@ int dnad_native_openmp() {
 }
 
 #define DNAD_DW(SUF, T)                                                                                  \
-  void dnad_dw_forward_##SUF(const T* x, const T* w, T* y, int N, int H, int W, int C, int Ho, int Wo, int k, \
-                             int s, int d, int p, int nt) {                                              \
-    dw_forward<T>(x, w, y, N, H, W, C, Ho, Wo, k, s, d, p, nt);                                              \
-  }                                                                                                      \
   void dnad_dw_backward_##SUF(const T* x, const T* w, const T* g, T* gin, T* gw, int N, int H, int W, int C, \
                               int Ho, int Wo, int k, int s, int d, int p, int nt) {                      \
     dw_backward<T>(x, w, g, gin, gw, N, H, W, C, Ho, Wo, k, s, d, p, nt);                                    \
