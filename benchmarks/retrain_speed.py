@@ -41,7 +41,7 @@ from op_times import OpTimer
 from dnad.complexity import count_complexity
 from dnad.config import DataConfig, RetrainConfig
 from dnad.data import load_dataset
-from dnad.fastops import describe_cpu_kernels, reference_kernels, set_cpu_kernels
+from dnad.fastops import cpu_kernels, describe_cpu_kernels, reference_kernels, set_cpu_kernels
 from dnad.genotype import Genotype
 from dnad.network import build_model
 from dnad.reference import textbook
@@ -146,11 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             f"error: --breakdown times ops on the CPU only (--device {a.device!r}); drop it or use --device cpu"
         )
         return 2
-    torch.set_num_threads(a.threads)
     genotype = Genotype.from_json(Path(a.genotype).read_text())
-    for graph in a.cuda_graph:
-        for row in measure(genotype, a, {"cuda_graph": graph}):
-            print(json.dumps(row), flush=True)
+    was, threads = cpu_kernels(), torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    try:
+        for graph in a.cuda_graph:
+            for row in measure(genotype, a, {"cuda_graph": graph}):
+                print(json.dumps(row), flush=True)
+    finally:  # as they were (a caller in the same process, e.g. a test, keeps its settings)
+        set_cpu_kernels(was)
+        torch.set_num_threads(threads)
     return 0
 
 

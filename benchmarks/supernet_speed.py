@@ -11,7 +11,8 @@ time goes, op by op (`benchmarks/op_times.py`), to stderr.
 timed in the same process, alternating block by block with dnad's step (`--rounds` blocks of `--steps`
 steps each), so that the machine's speed of the moment cancels out of the ratio; it keeps PyTorch's
 default optimizers, dnad's network gets dnad's (`dnad.optim`; `--optimizer default` for PyTorch's).
-`--textbook off` skips it.
+`--textbook off` skips it. `--kernels aten` runs dnad's network without dnad's native CPU kernels
+(`dnad.native`), to compare the two.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from op_times import OpTimer
 
 from dnad import optim
-from dnad.fastops import preferred_format, reference_kernels
+from dnad.fastops import aten_kernels, describe_cpu_kernels, preferred_format, reference_kernels
 from dnad.reference import textbook
 from dnad.supernet import SuperNet
 
@@ -128,8 +129,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating blocks of dnad / textbook steps")
     ap.add_argument("--textbook", choices=("on", "off"), default="on", help="time the textbook network too")
     ap.add_argument(
-        "--kernels", choices=("dnad", "plain"), default="dnad",
-        help="depthwise convolutions: dnad's dispatch (dnad.fastops) or plain F.conv2d everywhere",
+        "--kernels", choices=("dnad", "aten", "plain"), default="dnad",
+        help="dnad's network's kernels: dnad's dispatch (dnad.fastops, with dnad's native CPU kernels where "
+        "they build), the same dispatch on PyTorch's kernels only (aten), or plain F.conv2d everywhere",
     )  # fmt: skip
     ap.add_argument(
         "--layout", choices=("auto", "nchw", "channels_last"), default="auto",
@@ -169,7 +171,8 @@ def main() -> None:
         print(timer.table(1, step_s), file=sys.stderr)
         del probe, opts
     ratios = {}
-    with reference_kernels() if a.kernels == "plain" else contextlib.nullcontext():
+    kernels = {"plain": reference_kernels, "aten": aten_kernels}.get(a.kernels, contextlib.nullcontext)
+    with kernels():
         if a.textbook == "on":
             ref = textbook(net)
             dense, ref_dense = alternating(net, ref, x, y, a)
@@ -189,6 +192,7 @@ def main() -> None:
     out = {
         "preset": a.preset, "device": str(dev), "threads": a.threads, "batch": p["batch"],
         "layout": "channels_last" if fmt == torch.channels_last else "nchw", "kernels": a.kernels,
+        "cpu_kernels": describe_cpu_kernels() if a.kernels == "dnad" else None,
         "optimizer": a.optimizer,
         "img_per_s_dense": round(p["batch"] / dense, 2), "img_per_s_half": round(p["batch"] / half, 2), **ratios,
         "step_s_dense": round(dense, 4), "step_s_half": round(half, 4), "pairs_deleted": deleted,

@@ -4,6 +4,7 @@ search spaces use and the odd ones around them; the fallbacks when they are off 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -278,3 +279,16 @@ def test_build_cache_is_keyed_and_reused(tmp_path):
     assert path1 == path2 and Path(path1).parent.parent == tmp_path
     assert (cached1, cached2) == ("False", "True")
     assert not list(tmp_path.rglob(".build-*"))  # no temporary files left behind
+
+
+def test_retrain_benchmark_alternates_native_and_aten(load_benchmark, capsys):
+    """`benchmarks/retrain_speed.py --kernels auto aten` times both in the same rounds and says which
+    kernels each row ran on."""
+    bench = load_benchmark("retrain_speed")
+    argv = ["--genotype", str(REPO / "benchmarks/genotypes/quick_sparsest.json"), "--C", "4", "--size", "16",
+            "--batch", "8", "--steps", "2", "--rounds", "1", "--kernels", "auto", "aten", "--device", "cpu"]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kernels"].split(" (")[0] for r in rows] == ["dnad native", "PyTorch's"]
+    assert rows[0]["ratio_vs_aten"] == pytest.approx(rows[0]["img_per_s"] / rows[1]["img_per_s"], rel=0.02)
+    assert "ratio_vs_aten" not in rows[1]
