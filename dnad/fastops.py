@@ -119,7 +119,7 @@ def native_for(x: torch.Tensor) -> native.Native | None:
         or reference_active()
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
+        or getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
     ):
         return None
     return native.library()
@@ -190,8 +190,8 @@ class _NativeDepthwise(torch.autograd.Function):
 def native_depthwise(
     x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, padding: int
 ) -> torch.Tensor:
-    """`F.conv2d(x, weight, None, stride, padding, dilation, groups=C)` by `dnad.native` (check
-    `native_for(x)` first)."""
+    """`F.conv2d(x, weight, None, stride, padding, dilation, groups=C)` of a channels_last map, its
+    backward on `dnad.native` (check `native_for(x)` first)."""
     return _NativeDepthwise.apply(x, weight, stride, dilation, padding)
 
 
