@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pipeline.context import RunContext
-    from pipeline.raytools import await_resources, start_ray
+    from pipeline.raytools import await_resources, ctrl_c_stops, start_ray
 
     t0 = time.monotonic()
     cfg = pre.cfg
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         return fail(e)
     try:
-        ctx.prepare(args.fresh)
-        return run_stages(ctx, pre.resuming, t0, pre.notes)
+        with ctrl_c_stops():  # Ray's waits may drop a KeyboardInterrupt (pipeline.raytools.ctrl_c_stops)
+            ctx.prepare(args.fresh)
+            return run_stages(ctx, pre.resuming, t0, pre.notes)
     except InputError as e:
         return fail(e)
     except KeyboardInterrupt:
