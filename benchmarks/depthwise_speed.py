@@ -7,6 +7,8 @@ The variants run round-robin (so drift hits all alike); each reports the median 
 
     .venv/bin/python benchmarks/depthwise_speed.py                 # plain vs fast (the dispatch)
     .venv/bin/python benchmarks/depthwise_speed.py --all-impls     # every variant, to refill the table
+    .venv/bin/python benchmarks/depthwise_speed.py --inference --batch 1 --threads 1
+                                        # forward only, no grad (a deployed model; NATIVE_FORWARD_MACS)
 
 Prints a table, then one JSON line per case.
 """
@@ -65,19 +67,34 @@ def _timed(step: Callable[[], None], warmup: int, reps: int, max_wait_s: float =
     return out
 
 
-def _step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+def _step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, inference: bool) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.inference_mode():
+            module(x)
+
     def step() -> None:
         xi = x.detach().requires_grad_()
         module.weight.grad = None
         module(xi).backward(grad)
 
-    return step
+    return forward if inference else step
 
 
 def bench_case(
-    C: int, hw: int, k: int, d: int, s: int, variants: list[str], batch: int, reps: int, warmup: int, cl: bool
+    C: int,
+    hw: int,
+    k: int,
+    d: int,
+    s: int,
+    variants: list[str],
+    batch: int,
+    reps: int,
+    warmup: int,
+    cl: bool,
+    inference: bool = False,
 ) -> dict[str, float]:
-    """Median ms per forward+backward for each variant ('plain', 'fast' or a forced impl)."""
+    """Median ms per forward+backward (`inference`: per no-grad forward) for each variant ('plain',
+    'fast' or a forced impl)."""
     torch.manual_seed(0)
     x = torch.randn(batch, C, hw, hw)
     if cl:
@@ -92,7 +109,7 @@ def bench_case(
         else:
             m = DepthwiseConv2d(C, k, stride=s, dilation=d, impl=None if v == "fast" else v)  # type: ignore[arg-type]
             m.load_state_dict(ref.state_dict())
-        steps[v] = _step_fn(m, x, grad)
+        steps[v] = _step_fn(m, x, grad, inference)
     times: dict[str, list[float]] = {v: [] for v in variants}
     # each variant runs its reps back to back (steady-state allocator behaviour, as in training),
     # in two passes (A B C A B C) so slow drift hits all variants alike
@@ -110,6 +127,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--all-impls", action="store_true", help="also time every forced variant")
     p.add_argument("--channels-last", action="store_true", help="feed channels_last inputs")
+    p.add_argument("--inference", action="store_true", help="time no-grad forwards only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -121,8 +139,12 @@ def main() -> None:
         for s in (1, 2):
             for k, d in KD:
                 vs = [v for v in variants if not (v.startswith("poly") and d != 2)]
-                ms = bench_case(C, hw, k, d, s, vs, args.batch, args.reps, args.warmup, args.channels_last)
-                impl = DepthwiseConv2d(C, k, stride=s, dilation=d).choose_impl(torch.empty(1, C, hw, hw))
+                ms = bench_case(
+                    C, hw, k, d, s, vs, args.batch, args.reps, args.warmup, args.channels_last, args.inference
+                )
+                with torch.inference_mode(args.inference):
+                    probe = torch.empty(args.batch, C, hw, hw)
+                    impl = DepthwiseConv2d(C, k, stride=s, dilation=d).choose_impl(probe)
                 rows.append({"C": C, "hw": hw, "stride": s, "k": k, "dilation": d, "impl": impl, "ms": ms})
                 extra = "  ".join(f"{v}={ms[v]:.2f}" for v in vs[2:])
                 print(
@@ -136,7 +158,13 @@ def main() -> None:
     for r in rows:
         print(
             json.dumps(
-                {**r, "threads": args.threads, "batch": args.batch, "channels_last": args.channels_last}
+                {
+                    **r,
+                    "threads": args.threads,
+                    "batch": args.batch,
+                    "channels_last": args.channels_last,
+                    "inference": args.inference,
+                }
             )
         )
 

@@ -19,7 +19,9 @@ no layout change.  `reference_kernels()` switches every module back to the plain
 
 On channels_last float maps the CPU runs dnad's own kernels where they build (`dnad.native`): every
 depthwise conv directly (no polyphase split), its backward on dnad's kernels (oneDNN's forward; see
-`_NativeDepthwise`), and `BatchNorm2d`'s training-mode forward and backward. `set_cpu_kernels("aten")` or
+`_NativeDepthwise`), and `BatchNorm2d`'s training-mode forward and backward. A forward that needs no
+autograd graph and is small (`NATIVE_FORWARD_MACS`: a deployed model at small batches) runs on dnad's
+direct forward kernel whatever the input's layout. `set_cpu_kernels("aten")` or
 `aten_kernels()` turns them off (PyTorch's kernels: the same results to float rounding).
 """
 
@@ -104,18 +106,18 @@ def describe_cpu_kernels() -> str:
     return lib.describe() if lib is not None else f"PyTorch's ({native.reason()})"
 
 
-def native_for(x: torch.Tensor) -> native.Native | None:
-    """dnad's native kernels when they may run on `x`: a 4-D channels_last float32/float64 CPU map
-    with real storage (not a fake or functional tensor of a tracer), kernels `auto`, outside
-    `reference_kernels()` and outside tracing, compilation and export (they must see PyTorch ops);
-    else None."""
+def native_for(x: torch.Tensor, any_layout: bool = False) -> native.Native | None:
+    """dnad's native kernels when they may run on `x`: a 4-D channels_last (or, with `any_layout`,
+    any) float32/float64 CPU map with real storage (not a fake or functional tensor of a tracer),
+    kernels `auto`, outside `reference_kernels()` and outside tracing, compilation and export (they
+    must see PyTorch ops); else None."""
     if (
         _cpu_kernels != "auto"
         or type(x) is not torch.Tensor
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
         or x.dim() != 4
-        or not x.is_contiguous(memory_format=torch.channels_last)
+        or not (any_layout or x.is_contiguous(memory_format=torch.channels_last))
         or reference_active()
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
@@ -193,6 +195,42 @@ def native_depthwise(
     """`F.conv2d(x, weight, None, stride, padding, dilation, groups=C)` of a channels_last map, its
     backward on `dnad.native` (check `native_for(x)` first)."""
     return _NativeDepthwise.apply(x, weight, stride, dilation, padding)
+
+
+# Below this many multiply-accumulates a call, an inference forward runs dnad's direct kernel: oneDNN's
+# depthwise forward costs 65-120 µs a call however small the map, dnad's 19-32 µs at batch 1 (one
+# thread, 2026-12-07, AMD EPYC with AVX2, `benchmarks/depthwise_speed.py --inference`); the two
+# were level at 0.5-1.8 M MACs, and oneDNN's is faster above.
+NATIVE_FORWARD_MACS = 500_000
+
+
+def native_depthwise_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int,
+    dilation: int,
+    padding: int,
+    out_hw: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The same convolution by dnad's direct forward kernel, without autograd (inference): a
+    channels_last float CPU map in (check `native_for(x)`), channels_last out."""
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    if out_hw is None:
+        out_hw = _out_hw((h, w), k, stride, dilation, padding)
+    ho, wo = out_hw
+    if weight.dtype != x.dtype or not weight.is_contiguous():
+        weight = weight.detach().to(x.dtype).contiguous()
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+    getattr(native.library().lib, f"dnad_dw_forward_{_suffix(x)}")(
+        x.data_ptr(), weight.data_ptr(), y.data_ptr(), n, h, w, c, ho, wo, k, stride, dilation, padding,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def _out_hw(hw: tuple[int, ...], k: int, s: int, d: int, p: int) -> tuple[int, int]:
+    return (hw[0] + 2 * p - d * (k - 1) - 1) // s + 1, (hw[1] + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 class _NativeBatchNorm(torch.autograd.Function):
@@ -448,7 +486,7 @@ class DepthwiseConv2d(nn.Conv2d):
             # H200 (benchmarks/supernet_speed.py --preset paper-cifar), the search step ran at 297
             # img/s with the table and 415 img/s with plain cuDNN convolutions
             return "plain"
-        if native_for(x) is not None:
+        if native_for(x) is not None or self._inference_hw(x) is not None:
             return "native"
         key = (self.kernel_size[0], self.dilation[0], self.stride[0])
         if key == (3, 1, 1) and x.dim() == 4 and x.shape[-1] < 24:
@@ -460,7 +498,27 @@ class DepthwiseConv2d(nn.Conv2d):
         and for non-4-D input."""
         return "plain" if reference_active() or x.dim() != 4 else self.choose_impl(x)
 
+    def _inference_hw(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """The output's (height, width) when this forward of `x` runs dnad's direct inference kernel
+        (variant auto or native; no autograd graph needed; at most `NATIVE_FORWARD_MACS`; the native
+        kernels may run on `x`, whatever its layout), else None."""
+        if self.impl not in (None, "native") or x.dim() != 4:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return None
+        if native_for(x, any_layout=True) is None:  # first: no shape arithmetic while tracing
+            return None
+        k = self.kernel_size[0]
+        hw = _out_hw(x.shape[-2:], k, self.stride[0], self.dilation[0], self.padding[0])
+        return hw if x.shape[0] * x.shape[1] * hw[0] * hw[1] * k * k <= NATIVE_FORWARD_MACS else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hw = self._inference_hw(x)
+        if hw is not None:  # no autograd here: plain relayouts
+            fmt = layout_of(x)
+            y = native_depthwise_forward(x.contiguous(memory_format=torch.channels_last), self.weight,
+                                         self.stride[0], self.dilation[0], self.padding[0], hw)  # fmt: skip
+            return y if fmt == torch.channels_last else y.contiguous(memory_format=fmt)
         impl = self.active_impl(x)
         if impl == "plain":
             return self._conv_forward(x, self.weight, None)

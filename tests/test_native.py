@@ -14,14 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dnad import native
 from dnad.fastops import (
+    NATIVE_FORWARD_MACS,
     BatchNorm2d,
     DepthwiseConv2d,
     aten_kernels,
     batch_norm_train,
     native_depthwise,
+    native_depthwise_forward,
     native_for,
     reference_kernels,
 )
@@ -155,6 +158,103 @@ def test_depthwise_module_dispatch():
     torch.testing.assert_close(y, F.conv2d(x, m.weight, None, 1, 4, 2, 8), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="float32/float64 CPU"):
         forced(x.half())
+
+
+@pytest.mark.parametrize("n,c,h,w,k,s,d", DW_CASES)
+def test_inference_forward_matches_conv2d_in_float64(n, c, h, w, k, s, d):
+    x = _cl(n, c, h, w)
+    weight = torch.randn(c, 1, k, k, dtype=torch.float64)
+    p = d * (k - 1) // 2
+    ref = F.conv2d(x, weight, None, s, p, d, c)
+    got = native_depthwise_forward(x, weight, s, d, p)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    # float32, a weight of another dtype and layout, two threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got32 = native_depthwise_forward(x.float(), weight.float().contiguous(memory_format=CL), s, d, p)
+    finally:
+        torch.set_num_threads(threads)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+class _Convs(TorchDispatchMode):
+    """Counts the aten convolutions that run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if "convolution" in func.overloadpacket.__name__:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _aten_convs(m: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    with _Convs() as log:
+        y = m(x)
+    return log.n, y
+
+
+def test_small_inference_forward_runs_dnads_kernel_in_the_callers_layout():
+    """No autograd graph and at most NATIVE_FORWARD_MACS: dnad's direct forward, whatever the input's
+    layout, output in that layout; with a graph, above the limit, under `aten_kernels()`,
+    `reference_kernels()`, a forced variant or tracing: PyTorch's convolution, the same numbers."""
+    m = DepthwiseConv2d(8, 5, stride=1, dilation=2).double()
+    ref = nn.Conv2d(8, 8, 5, 1, 4, 2, 8, bias=False).double()
+    ref.load_state_dict(m.state_dict())
+    for x in (_cl(1, 8, 10, 10), _cl(2, 8, 9, 7).contiguous()):
+        want = ref(x)
+        with torch.no_grad():  # (a dispatch mode sees nothing under inference_mode)
+            assert m.choose_impl(x) == "native"
+            convs, y = _aten_convs(m, x)
+        assert convs == 0 and y.is_contiguous(memory_format=CL) == x.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+        with torch.inference_mode():
+            assert m.choose_impl(x) == "native"
+            torch.testing.assert_close(m(x), want, rtol=0, atol=1e-12)
+        convs, y = _aten_convs(m, x)  # the weight requires grad: the training path
+        assert convs == 1 and y.requires_grad
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+    x = _cl(1, 8, 10, 10)
+    big = _cl(NATIVE_FORWARD_MACS // (8 * 10 * 10 * 25) + 1, 8, 10, 10)
+    forced = DepthwiseConv2d(8, 5, stride=1, dilation=2, impl="poly_cl").double()
+    forced.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert _aten_convs(m, big)[0] == 1
+        torch.testing.assert_close(_aten_convs(m, big)[1], ref(big), rtol=0, atol=1e-12)
+        assert _aten_convs(m, big[:1])[0] == 0
+        assert m(big[:0]).shape == (0, 8, 10, 10)  # an empty batch
+        with aten_kernels():
+            assert _aten_convs(m, x)[0] == 1
+        with reference_kernels():
+            assert _aten_convs(m, x)[0] == 1
+        assert _aten_convs(forced, x)[0] == 1
+        plain3x3 = DepthwiseConv2d(8, 3).double()
+        assert _aten_convs(plain3x3, x)[0] == 0
+        traced = torch.jit.trace(plain3x3, x)  # a tracer must see the convolution
+        assert "aten::_convolution" in str(traced.graph)
+
+
+def test_eval_forward_of_a_network_native_equals_aten():
+    """A derived network in eval mode at batch 1 and 3 (every depthwise conv on dnad's inference
+    kernel) gives PyTorch's logits in float64."""
+    geno = Genotype.from_json((REPO / "benchmarks/genotypes/quick_densest.json").read_text())
+    torch.manual_seed(0)
+    net = build_model(geno, 4, 10, 1, 28).double().eval()
+    convs = [mod for mod in net.modules() if isinstance(mod, nn.Conv2d)]
+    dense = sum(not isinstance(mod, DepthwiseConv2d) for mod in convs)
+    for n in (1, 3):
+        x = _cl(n, 1, 28, 28, seed=n)
+        with torch.no_grad():
+            ran, got = _aten_convs(net, x)
+            with aten_kernels():
+                ran_aten, want = _aten_convs(net, x)
+        assert ran == dense < len(convs) == ran_aten  # the depthwise ones ran on dnad's kernel
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("affine", [True, False])

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch  # noqa: F401  (loaded first: the kernels then share PyTorch's OpenMP runtime)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-ABI = 2
+ABI = 3
 # tried in order until one compiles: portable fallbacks for compilers without -march=native or OpenMP
 FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -132,10 +132,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     P, Int, L, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
     for suf in ("f32", "f64"):
         # the last int of each: the thread count (PyTorch's, passed in: OpenMP's own setting is per thread)
+        getattr(lib, f"dnad_dw_forward_{suf}").argtypes = [P] * 3 + [Int] * 11
         getattr(lib, f"dnad_dw_backward_{suf}").argtypes = [P] * 5 + [Int] * 11
         getattr(lib, f"dnad_bn_forward_{suf}").argtypes = [P] * 8 + [L, Int, D, D, Int]
         getattr(lib, f"dnad_bn_backward_{suf}").argtypes = [P] * 8 + [L, Int, Int]
-        for name in ("dw_backward", "bn_forward", "bn_backward"):
+        for name in ("dw_forward", "dw_backward", "bn_forward", "bn_backward"):
             getattr(lib, f"dnad_{name}_{suf}").restype = None
 
 

@@ -193,6 +193,25 @@ template <typename T> void taps_major(const T* w, T* wt, int C, int k, bool flip
     for (int t = 0; t < kk; ++t) wt[(size_t)(flip ? kk - 1 - t : t) * C + c] = w[(size_t)c * kk + t];
 }
 
+// forward of any stride/dilation: each image padded into a per-thread buffer, then correlated
+template <typename T>
+void dw_forward(const T* x, const T* w, T* y, int N, int H, int W, int C, int Ho, int Wo, int k, int s, int d,
+                int p, int nt) {
+  std::vector<T> wt((size_t)k * k * C);
+  taps_major(w, wt.data(), C, k, false);
+  const int Wp = W + 2 * p;
+  const size_t padded = (size_t)(H + 2 * p) * Wp * C;
+DNAD_PRAGMA(omp parallel num_threads(N < nt ? (N > 0 ? N : 1) : nt))
+  {
+    std::vector<T> buf(padded, T(0));
+DNAD_PRAGMA(omp for schedule(static))
+    for (int n = 0; n < N; ++n) {
+      pad_into(x + (size_t)n * H * W * C, buf.data(), H, W, C, p);
+      corr_padded<T, 4>(buf.data(), wt.data(), y + (size_t)n * Ho * Wo * C, Wp, C, Ho, Wo, k, s, d);
+    }
+  }
+}
+
 template <typename T>
 void dw_backward(const T* x, const T* w, const T* g, T* gin, T* gw, int N, int H, int W, int C, int Ho, int Wo,
                  int k, int s, int d, int p, int nt) {
@@ -434,7 +453,7 @@ void bn_backward(const T* x, const T* g, const T* w, const T* mean, const T* inv
 }  // namespace
 
 extern "C" {
-int dnad_native_abi() { return 2; }
+int dnad_native_abi() { return 3; }
 int dnad_native_openmp() {
 #ifdef _OPENMP
   return 1;
@@ -444,6 +463,10 @@ int dnad_native_openmp() {
 }
 
 #define DNAD_DW(SUF, T)                                                                                  \
+  void dnad_dw_forward_##SUF(const T* x, const T* w, T* y, int N, int H, int W, int C, int Ho, int Wo, int k, \
+                             int s, int d, int p, int nt) {                                              \
+    dw_forward<T>(x, w, y, N, H, W, C, Ho, Wo, k, s, d, p, nt);                                              \
+  }                                                                                                      \
   void dnad_dw_backward_##SUF(const T* x, const T* w, const T* g, T* gin, T* gw, int N, int H, int W, int C, \
                               int Ho, int Wo, int k, int s, int d, int p, int nt) {                      \
     dw_backward<T>(x, w, g, gin, gw, N, H, W, C, Ho, Wo, k, s, d, p, nt);                                    \
