@@ -41,6 +41,7 @@ QUIET_ENV = {
     # stopped, and the run would read as failed): the driver stops, the trials' checkpoints stay
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # a Tune trial that only drives a TorchTrainer reserves (almost) nothing: its workers hold the CPUs/GPUs
 DRIVER_TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}
 
@@ -93,6 +94,27 @@ def check_allocator(allocator: str, joined: bool) -> None:
             raise InputError("ray.allocator", allocator, f"not a shared library (no ELF header); {hint}")
 
 
+def worker_env(address: str | None, allocator: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables every Ray worker of this run gets (`runtime_env.env_vars`)."""
+    from pipeline.faults import ENV as FAULTS_ENV
+
+    environ = dict(os.environ) if environ is None else environ
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": pythonpath, **QUIET_ENV}
+    preload = worker_preload(allocator, address is not None, environ)
+    if preload:  # Ray execs each worker with these variables set, so the loader sees them at its start
+        env["LD_PRELOAD"] = preload
+        env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)  # no "large alloc" lines in the logs
+    if not address:
+        # one node, nothing to drain: Ray Train's preemption watcher (an actor per Train run that polls
+        # for node drains) would only cost a worker process, 3.3-3.5 s of CPU each (smoke run,
+        # 2026-12-07); a value the user set is kept
+        env[PREEMPTION_WATCHER] = environ.get(PREEMPTION_WATCHER, "0")
+    if environ.get(FAULTS_ENV):  # test hook (pipeline/faults.py): the workers must see it too
+        env[FAULTS_ENV] = environ[FAULTS_ENV]
+    return env
+
+
 def start_ray(address: str | None, num_cpus: int | None, allocator: str = "auto") -> None:
     """Start a local Ray sized to this machine, or join `address` ('auto' = the running cluster); its
     workers run with `worker_preload(allocator)` as their malloc."""
@@ -100,16 +122,7 @@ def start_ray(address: str | None, num_cpus: int | None, allocator: str = "auto"
         os.environ.setdefault(k, v)
     import ray
 
-    from pipeline.faults import ENV as FAULTS_ENV
-
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {"PYTHONPATH": pythonpath, **QUIET_ENV}
-    preload = worker_preload(allocator, address is not None)
-    if preload:  # Ray execs each worker with these variables set, so the loader sees them at its start
-        env["LD_PRELOAD"] = preload
-        env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)  # no "large alloc" lines in the logs
-    if os.environ.get(FAULTS_ENV):  # test hook (pipeline/faults.py): the workers must see it too
-        env[FAULTS_ENV] = os.environ[FAULTS_ENV]
+    env = worker_env(address, allocator)
     kw: dict[str, Any] = dict(
         include_dashboard=False,
         logging_level=logging.ERROR,

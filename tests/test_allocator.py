@@ -1,4 +1,5 @@
-"""`ray.allocator`: what the Ray workers get as LD_PRELOAD, and how a process tells which malloc it
+"""The Ray workers' environment (`ray.allocator`: what they get as LD_PRELOAD; Ray Train's preemption
+watcher), and how a process tells which malloc it
 runs on (recorded with every latency figure). The smoke run's model cards (test_models.py) check that
 the retrain workers really ran on tcmalloc where the machine has it."""
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dnad.latency import malloc_in_use
-from pipeline.raytools import TCMALLOC, find_tcmalloc, worker_preload
+from pipeline.raytools import PREEMPTION_WATCHER, TCMALLOC, find_tcmalloc, worker_env, worker_preload
 
 
 def test_find_tcmalloc_looks_in_the_given_folders(tmp_path):
@@ -29,6 +30,18 @@ def test_worker_preload_follows_the_setting(monkeypatch):
     assert worker_preload("/opt/a.so", joined=False, env={"LD_PRELOAD": "/x/libmine.so"}) == "/opt/a.so"
     monkeypatch.setattr("pipeline.raytools.find_tcmalloc", lambda: None)
     assert worker_preload("auto", joined=False, env={}) is None
+
+
+def test_worker_env_of_a_local_and_a_joined_ray(monkeypatch):
+    """A local Ray (one node, nothing to drain) runs no preemption watcher unless the user asks for
+    one; a joined cluster keeps Ray's default. The malloc and the repository travel either way."""
+    monkeypatch.setattr("pipeline.raytools.find_tcmalloc", lambda: "/lib/here/" + TCMALLOC)
+    local = worker_env(None, "auto", {"PYTHONPATH": "/mine"})
+    assert local[PREEMPTION_WATCHER] == "0" and local["LD_PRELOAD"] == "/lib/here/" + TCMALLOC
+    assert local["PYTHONPATH"].split(os.pathsep)[1:] == ["/mine"]
+    assert worker_env(None, "auto", {PREEMPTION_WATCHER: "1"})[PREEMPTION_WATCHER] == "1"
+    joined = worker_env("10.0.0.5:6379", "auto", {})
+    assert PREEMPTION_WATCHER not in joined and joined["LD_PRELOAD"] == TCMALLOC
 
 
 def test_malloc_in_use_reads_the_process_map(tmp_path):
