@@ -502,7 +502,7 @@ class DepthwiseConv2d(nn.Conv2d):
         """The output's (height, width) when this forward of `x` runs dnad's direct inference kernel
         (variant auto or native; no autograd graph needed; at most `NATIVE_FORWARD_MACS`; the native
         kernels may run on `x`, whatever its layout), else None."""
-        if self.impl not in (None, "native") or x.dim() != 4:
+        if self.impl not in (None, "native") or x.dim() != 4 or self.weight.device.type != "cpu":
             return None
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return None

@@ -228,6 +228,7 @@ def test_small_inference_forward_runs_dnads_kernel_in_the_callers_layout():
         torch.testing.assert_close(_aten_convs(m, big)[1], ref(big), rtol=0, atol=1e-12)
         assert _aten_convs(m, big[:1])[0] == 0
         assert m(big[:0]).shape == (0, 8, 10, 10)  # an empty batch
+        assert DepthwiseConv2d(8, 3).to("meta")(x).shape == x.shape  # a weight off the CPU: PyTorch's path
         with aten_kernels():
             assert _aten_convs(m, x)[0] == 1
         with reference_kernels():
