@@ -388,17 +388,22 @@ def torch_trainer(
     )
 
 
+def any_frame(frame: FrameType | None, pred: Callable[[FrameType], bool]) -> bool:
+    """Whether `pred` holds for `frame` or any frame that called it (a thread's stack, innermost first)."""
+    while frame is not None:
+        if pred(frame):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def in_ray(frame: FrameType | None) -> bool:
     """Whether a thread whose innermost frame is `frame` is inside Ray's code (a Tuner's event loop,
     `ray.get`, `ray.wait`, ...)."""
     import ray
 
     root = os.path.dirname(ray.__file__) + os.sep
-    while frame is not None:
-        if frame.f_code.co_filename.startswith(root):
-            return True
-        frame = frame.f_back
-    return False
+    return any_frame(frame, lambda f: f.f_code.co_filename.startswith(root))
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.raytools import ctrl_c_stops, in_ray
+from pipeline.raytools import any_frame, ctrl_c_stops, in_ray
 
 INTERVAL = 0.1
 
@@ -30,11 +30,7 @@ def ray_like_loop(seconds: float, dropped: list[int]) -> None:
 
 
 def inside_loop(frame) -> bool:
-    while frame is not None:
-        if frame.f_code is ray_like_loop.__code__:
-            return True
-        frame = frame.f_back
-    return False
+    return any_frame(frame, lambda f: f.f_code is ray_like_loop.__code__)
 
 
 def ctrl_c_in(seconds: float) -> threading.Timer:
