@@ -198,9 +198,10 @@ def native_depthwise(
 
 
 # Below this many multiply-accumulates a call, an inference forward runs dnad's direct kernel: oneDNN's
-# depthwise forward costs 65-120 µs a call however small the map, dnad's 19-32 µs at batch 1 (one
-# thread, 2026-12-07, AMD EPYC with AVX2, `benchmarks/depthwise_speed.py --inference`); the two
-# were level at 0.5-1.8 M MACs, and oneDNN's is faster above.
+# depthwise forward costs 65-120 µs a call however small the map, dnad's 19-32 µs at batch 1 (both
+# kernels called directly, one thread, 2026-12-07, AMD EPYC with AVX2); the two were level at
+# 0.5-1.8 M MACs, and oneDNN's is faster above. `benchmarks/depthwise_speed.py --inference` times
+# the modules.
 NATIVE_FORWARD_MACS = 500_000
 
 

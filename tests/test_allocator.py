@@ -1,7 +1,7 @@
 """The Ray workers' environment (`ray.allocator`: what they get as LD_PRELOAD; Ray Train's preemption
-watcher), and how a process tells which malloc it
-runs on (recorded with every latency figure). The smoke run's model cards (test_models.py) check that
-the retrain workers really ran on tcmalloc where the machine has it."""
+watcher), and how a process tells which malloc it runs on (recorded with every latency figure). The
+smoke run's model cards (test_models.py) check that the retrain workers really ran on tcmalloc where
+the machine has it."""
 
 import os
 import subprocess

@@ -77,7 +77,7 @@ def data():
 def genotype(data):
     """The tiny super-network's cells with three ops a node (a 3×3 sep conv of the first input, a
     dilated 5×5 conv of the second, a skip of the newest): every kind of layer and a drop path,
-    at under a third of the dense network's steps."""
+    in under a third of the dense network's time."""
     dense = SearchLoop(tiny_search(epochs=2), data).net.export().to_dict()
     keep = lambda j, e: tuple(e) in {(0, "sep_conv_3x3"), (1, "dil_conv_5x5"), (j + 1, "skip_connect")}  # noqa: E731
     dense["cells"] = [
