@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fastops import _ConvLog
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dnad import native
 from dnad.fastops import (
@@ -180,23 +180,11 @@ def test_inference_forward_matches_conv2d_in_float64(n, c, h, w, k, s, d):
     torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-class _Convs(TorchDispatchMode):
-    """Counts the aten convolutions that run inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if "convolution" in func.overloadpacket.__name__:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _aten_convs(m: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    with _Convs() as log:
+    """How many ATen convolutions `m(x)` runs, and its output."""
+    with _ConvLog() as log:
         y = m(x)
-    return log.n, y
+    return len(log.convs), y
 
 
 def test_small_inference_forward_runs_dnads_kernel_in_the_callers_layout():
