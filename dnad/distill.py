@@ -17,6 +17,8 @@ from torch import nn
 from dnad.checkpoint import atomic_write_text, load_tensors_safely
 from dnad.config import DistillConfig, TeacherConfig
 from dnad.errors import InputError
+from dnad.genotype import Genotype
+from dnad.teacher import GENOTYPE_KEY
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 
@@ -93,22 +95,28 @@ class FrozenTeacher(nn.Module):
 
 
 def make_teacher(
-    cfg: TeacherConfig, num_classes: int, in_channels: int, image_size: int, stem: str = "auto"
+    cfg: TeacherConfig,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    stem: str = "auto",
+    genotype: Genotype | None = None,
 ) -> nn.Module:
     """An untrained teacher network from config ('torchvision' or 'genotype' kinds), on the student's
-    `stem` so that the stage features line up."""
+    `stem` so that the stage features line up. A genotype teacher is built from `genotype` when
+    given, else from the file `cfg.genotype`."""
     if cfg.kind == "torchvision":
         return ResNetTeacher(cfg.arch, num_classes, in_channels, image_size, stem)
     if cfg.kind == "genotype":
-        from dnad.genotype import Genotype
         from dnad.network import build_model
 
-        if not cfg.genotype or not Path(cfg.genotype).is_file():
-            raise InputError(
-                "distill.teacher.genotype", cfg.genotype, "give the path of a genotype JSON file"
-            )
-        g = Genotype.load(cfg.genotype)
-        return build_model(g, cfg.C, num_classes, in_channels, image_size, stem, keep_taps=True)
+        if genotype is None:
+            if not cfg.genotype or not Path(cfg.genotype).is_file():
+                raise InputError(
+                    "distill.teacher.genotype", cfg.genotype, "give the path of a genotype JSON file"
+                )
+            genotype = Genotype.load(cfg.genotype)
+        return build_model(genotype, cfg.C, num_classes, in_channels, image_size, stem, keep_taps=True)
     raise InputError("distill.teacher.kind", cfg.kind, "checkpoint teachers are loaded with load_teacher()")
 
 
@@ -132,9 +140,11 @@ def load_teacher(path: str | Path) -> nn.Module:
         raise InputError("distill.teacher.checkpoint", str(path), "expected a folder with teacher.json")
     spec = json.loads(spec_file.read_text())
     cfg = TeacherConfig(**spec["teacher"])
+    carried = spec.get(GENOTYPE_KEY)  # a genotype teacher's own genotype (older folders: only its path)
     model = make_teacher(
-        cfg, spec["num_classes"], spec["in_channels"], spec["image_size"], spec.get("stem", "auto")
-    )
+        cfg, spec["num_classes"], spec["in_channels"], spec["image_size"], spec.get("stem", "auto"),
+        None if carried is None else Genotype.from_dict(carried),
+    )  # fmt: skip
     model.load_state_dict(load_tensors_safely(path / "weights.safetensors"))
     return model
 

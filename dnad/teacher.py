@@ -16,6 +16,7 @@ from dnad.config import DataConfig, RetrainConfig, TeacherConfig
 # 2: the accuracy is measured on the validation split; 3: a genotype teacher is keyed by its
 # genotype, not by where its file lies (a run resumes from another checkout or machine)
 CACHE_FORMAT = 3
+GENOTYPE_KEY = "teacher_genotype"  # teacher.json: a genotype teacher's genotype itself
 
 
 def teacher_recipe(
@@ -72,8 +73,9 @@ def teacher_card(
     key: str,
 ) -> dict[str, Any]:
     """The `teacher.json` of a trained teacher: how to rebuild it, its validation accuracy and its
-    cache key."""
-    return {
+    cache key. A genotype teacher carries its genotype (`GENOTYPE_KEY`): the folder rebuilds it after
+    the file it came from has moved or gone (another checkout, machine or cache)."""
+    card = {
         "teacher": t.model_dump(mode="json"),
         "num_classes": num_classes,
         "in_channels": in_channels,
@@ -82,6 +84,16 @@ def teacher_card(
         "val_acc": val_acc,
         "config_hash": key,
     }
+    genotype = genotype_of(t)
+    if genotype is not None:
+        card[GENOTYPE_KEY] = genotype
+    return card
+
+
+def genotype_of(t: TeacherConfig) -> dict[str, Any] | None:
+    """A genotype teacher's genotype as its file holds it (None for other kinds or an unreadable file)."""
+    genotype = _teacher_identity(t).get("genotype") if t.kind == "genotype" else None
+    return genotype if isinstance(genotype, dict) else None
 
 
 def teacher_val_acc(path: str | Path) -> float | None:

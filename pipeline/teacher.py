@@ -2,18 +2,21 @@
 
 Training runs as a one-worker TorchTrainer (so it lands on a GPU node when there is one) with a
 checkpoint every epoch; the final checkpoint also holds the `save_teacher` folder, which the driver
-copies into `teacher.cache_dir/<hash>`. Search workers load it from that path with `load_teacher`.
+copies into `teacher.cache_dir/<hash>`. Search workers load it from that path with `load_teacher`;
+a genotype teacher's folder carries its genotype (`carry_genotype` adds it to one cached before).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from dnad import teacher as _teacher
-from dnad.config import RetrainConfig
+from dnad.checkpoint import atomic_write_text
+from dnad.config import RetrainConfig, TeacherConfig
 from dnad.teacher import teacher_val_acc
 from pipeline.config import RunConfig, needs_teacher
 from pipeline.context import RunContext, thread_count
@@ -146,6 +149,21 @@ def _untrained(ctx: RunContext, dest: Path) -> None:
     save_teacher(dest, model, teacher_spec(ctx.cfg, data, None))
 
 
+def carry_genotype(folder: Path, t: TeacherConfig) -> None:
+    """Give a genotype teacher cached before its folder carried its genotype (`dnad.teacher.GENOTYPE_KEY`)
+    the genotype of this config: the cache key was made from that file's content, so it is the same
+    genotype, and the folder no longer depends on where the file lay when it was trained."""
+    spec_file = folder / "teacher.json"
+    spec = json.loads(spec_file.read_text())
+    genotype = _teacher.genotype_of(t)
+    if genotype is not None and _teacher.GENOTYPE_KEY not in spec:
+        spec[_teacher.GENOTYPE_KEY] = genotype
+        try:
+            atomic_write_text(spec_file, json.dumps(spec, sort_keys=True, indent=1))
+        except OSError:  # a read-only shared cache: the search reads the file, which is where it says
+            pass
+
+
 def run_teacher(ctx: RunContext) -> str | None:
     """Path of the teacher checkpoint folder for the search workers (None when distillation is off)."""
     d = ctx.cfg.search.distill
@@ -159,6 +177,7 @@ def run_teacher(ctx: RunContext) -> str | None:
     dest = Path(ctx.cfg.teacher.cache_dir).expanduser().resolve() / teacher_hash(ctx.cfg, retrain_images(ctx))
     if (dest / "teacher.json").is_file():
         print(f"[teacher] cached: {dest}")
+        carry_genotype(dest, ctx.cfg.search.distill.teacher)
     else:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if d.teacher.epochs == 0:

@@ -5,8 +5,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from dnad.config import DataConfig, TeacherConfig
+from dnad.errors import InputError
 from dnad.teacher import teacher_card, teacher_hash, teacher_recipe, teacher_val_acc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,3 +74,64 @@ def test_library_module_imports_no_ray():
     code = "import sys, dnad.teacher; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _saved_teacher(tmp_path: Path, card: dict) -> tuple[Path, Any]:
+    import torch
+
+    from dnad.distill import make_teacher, save_teacher
+
+    t = TeacherConfig(**card["teacher"])
+    torch.manual_seed(0)
+    model = make_teacher(t, 10, 1, 28, "auto")
+    save_teacher(tmp_path / "cache" / "key", model, card)
+    return tmp_path / "cache" / "key", model.eval()
+
+
+def test_a_genotype_teacher_folder_outlives_its_genotype_file(tmp_path):
+    """A cached genotype teacher rebuilds from its own folder after the genotype file it was made from
+    has moved (another checkout): the folder carries the genotype."""
+    import torch
+
+    from dnad.distill import load_teacher
+
+    moved = tmp_path / "checkout" / "g.json"
+    moved.parent.mkdir()
+    shutil.copy(GENOTYPE, moved)
+    card = teacher_card(_genotype_teacher(moved), 10, 1, 28, "auto", None, "key")
+    assert card["teacher_genotype"] == json.loads(GENOTYPE.read_text())
+    folder, model = _saved_teacher(tmp_path, card)
+    shutil.rmtree(moved.parent)
+    again = load_teacher(folder).eval()
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(x), again(x))
+    # other kinds carry nothing
+    assert "teacher_genotype" not in teacher_card(TeacherConfig(), 10, 1, 28, "auto", None, "key")
+
+
+def test_an_older_cached_teacher_gets_the_genotype_of_the_config_that_found_it(tmp_path):
+    """A folder cached before teachers carried their genotype names a file that may be gone; the run
+    that finds it (by a key made from the same genotype's content) adds its own copy, and the folder
+    loads after the file has moved."""
+    import torch
+
+    from dnad.distill import load_teacher
+    from pipeline.teacher import carry_genotype
+
+    gone = tmp_path / "old-checkout" / "g.json"
+    card = teacher_card(_genotype_teacher(GENOTYPE), 10, 1, 28, "auto", 0.86, "key")
+    del card["teacher_genotype"]
+    card["teacher"]["genotype"] = str(gone)  # as a cache entry of an earlier version left it
+    folder, model = _saved_teacher(
+        tmp_path, {**card, "teacher": {**card["teacher"], "genotype": str(GENOTYPE)}}
+    )
+    (folder / "teacher.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match=r"distill\.teacher\.genotype"):
+        load_teacher(folder)
+    carry_genotype(folder, _genotype_teacher(GENOTYPE))
+    spec = json.loads((folder / "teacher.json").read_text())
+    assert spec["teacher_genotype"] == json.loads(GENOTYPE.read_text()) and spec["val_acc"] == 0.86
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(x), load_teacher(folder).eval()(x))
+    carry_genotype(folder, TeacherConfig())  # a torchvision teacher's config changes nothing
+    assert json.loads((folder / "teacher.json").read_text()) == spec
