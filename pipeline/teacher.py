@@ -154,9 +154,12 @@ def carry_genotype(folder: Path, t: TeacherConfig) -> None:
     the genotype of this config: the cache key was made from that file's content, so it is the same
     genotype, and the folder no longer depends on where the file lay when it was trained."""
     spec_file = folder / "teacher.json"
-    spec = json.loads(spec_file.read_text())
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (OSError, ValueError):  # unreadable: loading it reports that, as it did before
+        return
     genotype = _teacher.genotype_of(t)
-    if genotype is not None and _teacher.GENOTYPE_KEY not in spec:
+    if isinstance(spec, dict) and genotype is not None and _teacher.GENOTYPE_KEY not in spec:
         spec[_teacher.GENOTYPE_KEY] = genotype
         try:
             atomic_write_text(spec_file, json.dumps(spec, sort_keys=True, indent=1))

@@ -135,3 +135,6 @@ def test_an_older_cached_teacher_gets_the_genotype_of_the_config_that_found_it(t
     assert torch.equal(model(x), load_teacher(folder).eval()(x))
     carry_genotype(folder, TeacherConfig())  # a torchvision teacher's config changes nothing
     assert json.loads((folder / "teacher.json").read_text()) == spec
+    (folder / "teacher.json").write_text("{cut")  # unreadable: left as it is, for loading to report
+    carry_genotype(folder, _genotype_teacher(GENOTYPE))
+    assert (folder / "teacher.json").read_text() == "{cut"
